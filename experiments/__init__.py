@@ -1,0 +1,1 @@
+"""The composition root: the ``falcon-rl`` command, the trainer, sweeps and reports."""

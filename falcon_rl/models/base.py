@@ -1,0 +1,104 @@
+"""The framework interface that every vision-language pretraining model implements."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class ModelError(ValueError):
+    """A model name, preset, configuration value or weights path that cannot be used."""
+
+
+@dataclass
+class TextBatch:
+    """Tokenised captions.
+
+    :param input_ids: token ids, int64 ``[B, L]``
+    :param attention_mask: 1 for real tokens and 0 for padding, int64 ``[B, L]``
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> TextBatch:
+        """Return a copy with both tensors on ``device``."""
+        return TextBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class StepOutput:
+    """Result of one training step.
+
+    :param loss: scalar that is back-propagated, the weighted sum of ``losses``
+    :param losses: detached scalar loss terms by name (``"itc"``, ``"itm"``, ``"mlm"``)
+    :param image_embed: detached, L2-normalised ITC image embeddings ``[B, d]``, float32
+    :param text_embed: detached, L2-normalised ITC embeddings ``[B, d]`` of the unmasked
+        captions, float32
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    image_embed: torch.Tensor
+    text_embed: torch.Tensor
+
+
+class VLPFramework(nn.Module, abc.ABC):
+    """Base class of the vision-language pretraining frameworks (ALBEF, later BLIP-2, SigLIP).
+
+    ``image_ids`` arguments are int64 ``[B]``: pairs with equal ids show the same image, so
+    they are positives of each other. ``mask_seed`` fixes every random choice of a step
+    (MLM mask, ITM negatives), so a proxy loss recomputed after the update sees the same
+    masked tokens.
+    """
+
+    name: str
+    has_itm: bool
+    embed_dim: int
+    image_size: int
+    max_text_length: int
+    tokenizer_path: str
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter."""
+        return next(self.parameters()).device
+
+    @abc.abstractmethod
+    def preprocess_images(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """Convert uint8 images ``[B, 3, H, W]`` to normalised float pixels on the model's device."""
+
+    @abc.abstractmethod
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Return L2-normalised ITC image embeddings ``[B, embed_dim]``."""
+
+    @abc.abstractmethod
+    def embed_texts(self, text: TextBatch) -> torch.Tensor:
+        """Return L2-normalised ITC text embeddings ``[B, embed_dim]``."""
+
+    @abc.abstractmethod
+    def training_step(
+        self, images: torch.Tensor, text: TextBatch, image_ids: torch.Tensor, mask_seed: int
+    ) -> StepOutput:
+        """Compute the pretraining losses of one batch, with gradients."""
+
+    @abc.abstractmethod
+    def proxy_loss(
+        self,
+        name: str,
+        images: torch.Tensor,
+        text: TextBatch,
+        image_ids: torch.Tensor,
+        mask_seed: int,
+    ) -> torch.Tensor:
+        """Evaluate one loss term (``"mlm"``, ``"itc"`` or ``"itm"``) without gradients."""
+
+    @abc.abstractmethod
+    def itm_match_prob(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
+        """Return the ITM probability ``[B]`` that image i and caption i match."""

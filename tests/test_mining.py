@@ -1,0 +1,510 @@
+"""Tests of the mining layer: bank, search, batch builder, observations, false negatives."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gymnasium import spaces
+
+from falcon_rl.mining import (
+    FEATURE_NAMES,
+    OBS_HIGH,
+    OBS_LOW,
+    SIMILARITY_FEATURE_NAMES,
+    BatchBuilder,
+    CandidateSearch,
+    EmbeddingBank,
+    FalseNegativeOracle,
+    MiningError,
+    action_to_hardness,
+    batch_observation,
+    caption_normal_form,
+    choose_negatives,
+    choose_negatives_reference,
+    encode_sentences,
+    hardness_to_rank,
+    levels,
+    make_observation,
+)
+from falcon_rl.mining.search import cross_modal_keys, cross_modal_queries
+
+DIM = 16
+
+
+def make_image_ids(n_pairs: int, captions_per_image: int = 5) -> np.ndarray:
+    return np.arange(n_pairs, dtype=np.int64) // captions_per_image
+
+
+def make_bank(n_pairs: int, seed: int = 0, noise: float = 0.5) -> EmbeddingBank:
+    """Bank with normalised embeddings; text is a noisy copy of the image."""
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.nn.functional.normalize(torch.randn(n_pairs, DIM, generator=generator), dim=1)
+    text = torch.nn.functional.normalize(image + noise * torch.randn(n_pairs, DIM, generator=generator), dim=1)
+    bank = EmbeddingBank(n_pairs, DIM)
+    bank.fill(image, text)
+    return bank
+
+
+def similarity(bank: EmbeddingBank, anchor: int, others: np.ndarray) -> np.ndarray:
+    """Brute-force s(a, c) = (<img_a, txt_c> + <txt_a, img_c>) / 2 in float64."""
+    image = bank.image.double().numpy()
+    text = bank.text.double().numpy()
+    return (text[others] @ image[anchor] + image[others] @ text[anchor]) / 2.0
+
+
+def run_epoch(builder: BatchBuilder, bank: EmbeddingBank, hardness_seed: int = 0) -> list:
+    rng = np.random.default_rng(hardness_seed)
+    batches = []
+    while True:
+        proposal = builder.propose(bank)
+        batch = builder.select(proposal, rng.uniform(0.0, 1.0, proposal.anchors.size))
+        batches.append((proposal, batch))
+        if batch.epoch_end:
+            return batches
+
+
+# ---- hardness ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("q", "m", "expected"),
+    [(1.0, 5, 0), (0.5, 5, 2), (0.0, 5, 4), (1.0, 4, 0), (0.5, 4, 2), (0.0, 4, 3), (0.3, 1, 0), (0.5, 0, -1)],
+)
+def test_hardness_to_rank_rule(q: float, m: int, expected: int) -> None:
+    assert int(hardness_to_rank(q, m)) == expected
+
+
+def test_hardness_to_rank_rejects_out_of_range() -> None:
+    with pytest.raises(MiningError):
+        hardness_to_rank(1.5, 4)
+
+
+def test_levels_even_spacing() -> None:
+    np.testing.assert_allclose(levels(5), [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+def test_action_to_hardness_discrete_per_anchor() -> None:
+    np.testing.assert_allclose(action_to_hardness(np.array([0, 5, 10]), spaces.Discrete(11)), [0.0, 0.5, 1.0])
+
+
+def test_action_to_hardness_box_clips() -> None:
+    actions = np.array([[-0.2], [0.4], [1.3]], dtype=np.float32)
+    np.testing.assert_allclose(action_to_hardness(actions, spaces.Box(0, 1, (1,))), [0.0, 0.4, 1.0], rtol=1e-6)
+
+
+def test_action_to_hardness_rejects_invalid_discrete() -> None:
+    with pytest.raises(MiningError):
+        action_to_hardness(11, spaces.Discrete(11))
+
+
+# ---- bank ---------------------------------------------------------------------
+
+
+def test_bank_update_writes_rows() -> None:
+    bank = EmbeddingBank(10, DIM, dtype=torch.float16)
+    image = torch.ones(2, DIM)
+    bank.update(np.array([3, 7]), image, -image)
+    assert bank.image[[3, 7]].eq(1).all()
+    assert bank.text[7].eq(-1).all()
+    assert int(bank.filled.sum()) == 2
+
+
+def test_bank_update_rejects_bad_shape() -> None:
+    bank = EmbeddingBank(10, DIM)
+    with pytest.raises(MiningError):
+        bank.update([1, 2], torch.ones(3, DIM), torch.ones(3, DIM))
+
+
+def test_bank_fill_rejects_overflow() -> None:
+    bank = EmbeddingBank(10, DIM)
+    with pytest.raises(MiningError):
+        bank.fill(torch.ones(4, DIM), torch.ones(4, DIM), start=8)
+
+
+def test_bank_state_dict_round_trip() -> None:
+    bank = make_bank(20)
+    restored = EmbeddingBank(20, DIM)
+    restored.load_state_dict(bank.state_dict())
+    assert torch.equal(restored.image, bank.image)
+    assert torch.equal(restored.text, bank.text)
+
+
+# ---- search -------------------------------------------------------------------
+
+
+def test_search_concatenation_gives_twice_similarity() -> None:
+    bank = make_bank(30)
+    queries = cross_modal_queries(bank.image[:3], bank.text[:3])
+    keys = cross_modal_keys(bank.image[10:], bank.text[10:])
+    expected = similarity(bank, 1, np.arange(10, 30))
+    np.testing.assert_allclose((keys @ queries[1]).numpy() / 2, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_search_matches_brute_force(backend: str) -> None:
+    bank = make_bank(200)
+    groups = make_image_ids(200)
+    queries = cross_modal_queries(bank.image[:4], bank.text[:4])
+    keys = cross_modal_keys(bank.image, bank.text)
+    positions, sims = CandidateSearch(backend, block_size=37).search(queries, groups[:4], keys, groups, 10)
+    for row in range(4):
+        others = np.flatnonzero(groups != groups[row])
+        brute = others[np.argsort(-similarity(bank, row, others), kind="stable")[:10]]
+        np.testing.assert_array_equal(positions[row], brute)
+    assert np.all(np.diff(sims, axis=1) <= 1e-6)
+
+
+def test_search_pads_when_few_keys() -> None:
+    bank = make_bank(20)
+    groups = make_image_ids(20)
+    queries = cross_modal_queries(bank.image[:1], bank.text[:1])
+    keys = cross_modal_keys(bank.image[:8], bank.text[:8])
+    positions, sims = CandidateSearch("faiss").search(queries, groups[:1], keys, groups[:8], 6)
+    assert list(positions[0, 3:]) == [-1, -1, -1]
+    assert np.all(np.isneginf(sims[0, 3:]))
+
+
+# ---- batch builder: epoch coverage --------------------------------------------
+
+
+@pytest.mark.parametrize("batch_size", [2, 7, 16, 33])
+def test_builder_places_each_pair_once_per_epoch(batch_size: int) -> None:
+    n_pairs = 103
+    bank = make_bank(n_pairs)
+    builder = BatchBuilder(make_image_ids(n_pairs), batch_size, search_space=40, top_k=8, seed=1)
+    for epoch in range(2):
+        batches = run_epoch(builder, bank, hardness_seed=epoch)
+        placed = np.concatenate([batch.pair_indices for _, batch in batches])
+        assert np.array_equal(np.sort(placed), np.arange(n_pairs)), f"epoch {epoch}"
+        assert all(batch.epoch == epoch for _, batch in batches)
+        assert all(batch.pair_indices.size <= batch_size for _, batch in batches)
+
+
+def test_builder_random_batches_cover_epoch() -> None:
+    builder = BatchBuilder(make_image_ids(50), 8, search_space=16, top_k=4, seed=0)
+    batches = []
+    while not builder.epoch_finished:
+        batches.append(builder.random_batch())
+    placed = np.concatenate([batch.pair_indices for batch in batches])
+    assert np.array_equal(placed, np.random.default_rng([0, 0]).permutation(50))
+    assert batches[-1].pair_indices.size == 50 % 8
+    assert batches[-1].epoch_end
+
+
+def test_builder_odd_batch_last_anchor_without_negative() -> None:
+    bank = make_bank(60)
+    builder = BatchBuilder(make_image_ids(60), 5, search_space=30, top_k=6, seed=0)
+    proposal = builder.propose(bank)
+    batch = builder.select(proposal, 1.0)
+    assert batch.anchors.size == 3
+    assert batch.negatives[2] == -1
+    assert batch.pair_indices.size == 5
+
+
+def test_builder_epoch_orders_differ() -> None:
+    builder = BatchBuilder(make_image_ids(40), 40, search_space=40, top_k=4, seed=3)
+    first = builder.random_batch().pair_indices
+    second = builder.random_batch().pair_indices
+    assert builder.epoch == 1
+    assert not np.array_equal(first, second)
+
+
+# ---- batch builder: candidates and choice -------------------------------------
+
+
+def test_builder_never_chooses_positives() -> None:
+    n_pairs = 120
+    image_ids = make_image_ids(n_pairs, captions_per_image=6)
+    builder = BatchBuilder(image_ids, 16, search_space=32, top_k=10, seed=2)
+    for proposal, batch in run_epoch(builder, make_bank(n_pairs, noise=0.1)):
+        valid = proposal.candidates >= 0
+        candidate_groups = image_ids[np.clip(proposal.candidates, 0, None)]
+        assert not np.any(valid & (candidate_groups == image_ids[proposal.anchors][:, None]))
+        assert not np.any(np.isin(proposal.candidates, proposal.anchors))
+        has_negative = batch.negatives >= 0
+        assert not np.any(image_ids[batch.negatives[has_negative]] == image_ids[batch.anchors[has_negative]])
+
+
+def test_builder_candidates_are_top_k_of_search_space() -> None:
+    n_pairs = 100
+    image_ids = make_image_ids(n_pairs)
+    bank = make_bank(n_pairs)
+    builder = BatchBuilder(image_ids, 8, search_space=40, top_k=5, seed=4)
+    proposal = builder.propose(bank)
+    space = np.random.default_rng([4, 0]).permutation(n_pairs)[:40]
+    for row, anchor in enumerate(proposal.anchors):
+        pool = space[~np.isin(space, proposal.anchors) & (image_ids[space] != image_ids[anchor])]
+        brute = pool[np.argsort(-similarity(bank, anchor, pool), kind="stable")[:5]]
+        np.testing.assert_array_equal(proposal.candidates[row], brute)
+
+
+def test_builder_hardest_picks_most_similar_free() -> None:
+    n_pairs = 100
+    image_ids = make_image_ids(n_pairs)
+    bank = make_bank(n_pairs, noise=0.8)
+    builder = BatchBuilder(image_ids, 16, search_space=48, top_k=10, seed=5)
+    space = np.random.default_rng([5, 0]).permutation(n_pairs)[:48]
+    batch = builder.select(builder.propose(bank), 1.0)
+    taken: list[int] = []
+    for anchor, negative in zip(batch.anchors, batch.negatives):
+        free = space[~np.isin(space, np.concatenate([batch.anchors, taken])) & (image_ids[space] != image_ids[anchor])]
+        assert negative == free[np.argmax(similarity(bank, anchor, free))]
+        taken.append(negative)
+
+
+@pytest.mark.parametrize(("q", "expected_rank"), [(1.0, 0), (0.5, 4), (0.0, 8)])
+def test_builder_rank_rule_single_anchor(q: float, expected_rank: int) -> None:
+    bank = make_bank(60)
+    builder = BatchBuilder(make_image_ids(60), 2, search_space=30, top_k=9, seed=0)
+    proposal = builder.propose(bank)
+    batch = builder.select(proposal, q)
+    assert batch.negative_ranks[0] == expected_rank
+    assert batch.negatives[0] == proposal.candidates[0, expected_rank]
+    assert batch.negative_sims[0] == proposal.candidate_sims[0, expected_rank]
+
+
+def test_builder_excluded_candidates_skipped() -> None:
+    bank = make_bank(60)
+    builder = BatchBuilder(make_image_ids(60), 2, search_space=30, top_k=6, seed=0)
+    proposal = builder.propose(bank)
+    excluded = np.zeros((1, 6), dtype=bool)
+    excluded[0, :2] = True
+    batch = builder.select(proposal, 1.0, excluded)
+    assert batch.negatives[0] == proposal.candidates[0, 2]
+
+
+def test_builder_tiny_search_space_counts_fallbacks() -> None:
+    n_pairs = 80
+    builder = BatchBuilder(make_image_ids(n_pairs), 4, search_space=3, top_k=8, seed=0)
+    proposal = builder.propose(make_bank(n_pairs))
+    assert proposal.fallbacks["beyond_search_space"] > 0
+    assert proposal.fallbacks["random"] > 0
+    assert np.all(proposal.candidates >= 0)
+
+
+def test_builder_counts_exhausted_anchors() -> None:
+    n_pairs = 80
+    builder = BatchBuilder(make_image_ids(n_pairs), 16, search_space=40, top_k=1, seed=0)
+    bank = EmbeddingBank(n_pairs, DIM)
+    bank.fill(torch.ones(n_pairs, DIM), torch.ones(n_pairs, DIM))
+    batch = builder.select(builder.propose(bank), 1.0)
+    assert batch.fallbacks["exhausted"] > 0
+    assert np.all(batch.negatives >= 0)
+
+
+def test_builder_rejects_stale_proposal() -> None:
+    bank = make_bank(40)
+    builder = BatchBuilder(make_image_ids(40), 4, search_space=20, top_k=4, seed=0)
+    proposal = builder.propose(bank)
+    builder.select(proposal, 1.0)
+    with pytest.raises(MiningError):
+        builder.select(proposal, 1.0)
+
+
+def test_builder_rejects_hardness_out_of_range() -> None:
+    bank = make_bank(40)
+    builder = BatchBuilder(make_image_ids(40), 4, search_space=20, top_k=4, seed=0)
+    with pytest.raises(MiningError):
+        builder.select(builder.propose(bank), np.array([0.5, 1.2]))
+
+
+def test_builder_backends_agree() -> None:
+    n_pairs = 150
+    bank = make_bank(n_pairs)
+    image_ids = make_image_ids(n_pairs)
+    faiss_batches = run_epoch(BatchBuilder(image_ids, 12, 48, 8, seed=6, backend="faiss"), bank)
+    torch_batches = run_epoch(BatchBuilder(image_ids, 12, 48, 8, seed=6, backend="torch", block_size=16), bank)
+    assert len(faiss_batches) == len(torch_batches)
+    for (faiss_proposal, faiss_batch), (torch_proposal, torch_batch) in zip(faiss_batches, torch_batches):
+        np.testing.assert_array_equal(faiss_proposal.candidates, torch_proposal.candidates)
+        np.testing.assert_array_equal(faiss_batch.pair_indices, torch_batch.pair_indices)
+
+
+# ---- fast selection equals the reference --------------------------------------
+
+
+def fallback_smallest_free(slot: int, taken: np.ndarray) -> int:
+    """Deterministic stand-in: odd slots get none, even slots the smallest pair >= 100 not taken."""
+    if slot % 2:
+        return -1
+    return int(next(value for value in range(100, 200) if value not in set(taken.tolist())))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_choose_negatives_equals_reference_random(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_anchors, k, n_values = 24, 6, 14
+    candidates = np.stack([rng.choice(n_values, k, replace=False) for _ in range(n_anchors)])
+    pads = rng.integers(0, k + 1, n_anchors)
+    candidates[np.arange(k)[None, :] >= k - pads[:, None] // 2] = -1
+    eligible = (candidates >= 0) & (rng.uniform(size=candidates.shape) > 0.2)
+    hardness = rng.choice([0.0, 0.25, 0.5, 1.0, rng.uniform()], n_anchors)
+    n_negatives = int(rng.integers(n_anchors // 2, n_anchors + 1))
+
+    fast = choose_negatives(candidates, eligible, hardness, n_negatives, fallback_smallest_free)
+    reference = choose_negatives_reference(candidates, eligible, hardness, n_negatives, fallback_smallest_free)
+    np.testing.assert_array_equal(fast.negatives, reference.negatives)
+    np.testing.assert_array_equal(fast.ranks, reference.ranks)
+    np.testing.assert_array_equal(fast.columns, reference.columns)
+    assert fast.exhausted == reference.exhausted
+    assert reference.exhausted > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_builder_select_equals_reference(seed: int) -> None:
+    n_pairs = 120
+    bank = make_bank(n_pairs, seed=seed)
+    fast_builder = BatchBuilder(make_image_ids(n_pairs, 3), 30, search_space=34, top_k=12, seed=seed)
+    reference_builder = BatchBuilder(make_image_ids(n_pairs, 3), 30, search_space=34, top_k=12, seed=seed)
+    rng = np.random.default_rng(seed)
+    while not fast_builder.epoch_finished:
+        proposal = fast_builder.propose(bank)
+        hardness = rng.uniform(size=proposal.anchors.size)
+        excluded = rng.uniform(size=proposal.candidates.shape) < 0.5
+        fast = fast_builder.select(proposal, hardness, excluded)
+        reference = reference_builder.select_reference(reference_builder.propose(bank), hardness, excluded)
+        np.testing.assert_array_equal(fast.pair_indices, reference.pair_indices)
+        np.testing.assert_array_equal(fast.negative_ranks, reference.negative_ranks)
+        assert fast.fallbacks == reference.fallbacks
+
+
+# ---- observation --------------------------------------------------------------
+
+
+def test_observation_names_match_bounds() -> None:
+    assert len(FEATURE_NAMES) == OBS_LOW.size == OBS_HIGH.size
+    assert FEATURE_NAMES[: len(SIMILARITY_FEATURE_NAMES)] == SIMILARITY_FEATURE_NAMES
+
+
+def test_observation_finite_for_nonfinite_embeddings() -> None:
+    n_pairs = 60
+    bank = make_bank(n_pairs)
+    bank.image[::3] = float("nan")
+    bank.text[1::4] = float("inf")
+    bank.text[2::5] = -1e30
+    builder = BatchBuilder(make_image_ids(n_pairs), 8, search_space=24, top_k=6, seed=0)
+    proposal = builder.propose(bank)
+    observation = make_observation(proposal.features, float("nan"), np.array([float("inf"), float("-inf")]))
+    assert observation.dtype == np.float32
+    assert observation.shape == (4, len(FEATURE_NAMES))
+    assert np.all(np.isfinite(observation))
+    assert np.all((observation >= OBS_LOW) & (observation <= OBS_HIGH))
+
+
+def test_observation_within_bounds_random_features() -> None:
+    rng = np.random.default_rng(0)
+    raw = rng.normal(scale=5.0, size=(7, len(SIMILARITY_FEATURE_NAMES)))
+    raw[0, 0] = np.nan
+    observation = make_observation(raw, 2.0, np.array([-3.0, 40.0]))
+    assert np.all((observation >= OBS_LOW) & (observation <= OBS_HIGH))
+
+
+def test_observation_features_values() -> None:
+    bank = make_bank(60)
+    builder = BatchBuilder(make_image_ids(60), 2, search_space=30, top_k=5, seed=0)
+    proposal = builder.propose(bank)
+    features = dict(zip(SIMILARITY_FEATURE_NAMES, proposal.features[0]))
+    assert features["i2t_top1"] == pytest.approx(proposal.i2t_sims[0].max(), abs=1e-6)
+    expected_margin = (proposal.positive_sims[0] - proposal.candidate_sims[0, 0]) / 2
+    assert features["margin"] == pytest.approx(expected_margin, abs=1e-6)
+    assert features["valid_fraction"] == 1.0
+    assert 0.0 < features["candidate_entropy"] <= 1.0
+
+
+def test_observation_run_features_squashed() -> None:
+    observation = make_observation(np.zeros(len(SIMILARITY_FEATURE_NAMES)), 0.25, np.array([1.0, 0.5]))
+    np.testing.assert_allclose(observation[-3:], [0.25, 0.5, math.tanh(0.5)], rtol=1e-6)
+
+
+def test_batch_observation_mean() -> None:
+    rows = np.stack([np.full(len(FEATURE_NAMES), 0.2), np.full(len(FEATURE_NAMES), 0.6)]).astype(np.float32)
+    np.testing.assert_allclose(batch_observation(rows), np.full(len(FEATURE_NAMES), 0.4), rtol=1e-6)
+
+
+# ---- checkpointing ------------------------------------------------------------
+
+
+def test_builder_state_dict_resumes_identically() -> None:
+    n_pairs = 90
+    bank = make_bank(n_pairs)
+    image_ids = make_image_ids(n_pairs)
+    builder = BatchBuilder(image_ids, 10, search_space=4, top_k=6, seed=9)
+    for _ in range(4):
+        builder.select(builder.propose(bank), 0.7)
+    resumed = BatchBuilder(image_ids, 10, search_space=4, top_k=6, seed=9)
+    resumed.load_state_dict(builder.state_dict())
+    for _ in range(12):
+        original = builder.select(builder.propose(bank), 0.3)
+        copy = resumed.select(resumed.propose(bank), 0.3)
+        np.testing.assert_array_equal(original.pair_indices, copy.pair_indices)
+        assert (original.epoch, original.batch_index) == (copy.epoch, copy.batch_index)
+
+
+def test_builder_state_dict_rejects_other_batch_size() -> None:
+    state = BatchBuilder(make_image_ids(20), 4, 8, 2, seed=0).state_dict()
+    with pytest.raises(MiningError):
+        BatchBuilder(make_image_ids(20), 6, 8, 2, seed=0).load_state_dict(state)
+
+
+# ---- false negatives ----------------------------------------------------------
+
+
+@dataclass
+class TinyPairs:
+    captions: list[str]
+    image_ids: np.ndarray
+    human_matches: np.ndarray | None
+
+
+def make_tiny_pairs() -> TinyPairs:
+    captions = [
+        "A dog runs on grass.",        # 0, image 0
+        "a dog  runs on grass",        # 1, image 0
+        "A black cat sleeps.",         # 2, image 1
+        "A DOG runs on grass!",        # 3, image 2: same normal form as pair 0
+        "Two men play chess.",         # 4, image 3
+        "Children swim in a pool.",    # 5, image 4
+        "Kids are swimming in a pool.",  # 6, image 5
+    ]
+    image_ids = np.array([0, 0, 1, 2, 3, 4, 5])
+    human_matches = np.array([[3, 2]])  # image 3 also matches pair 2's caption
+    return TinyPairs(captions, image_ids, human_matches)
+
+
+def test_caption_normal_form_basic() -> None:
+    assert caption_normal_form("  A Dog, runs!  ") == "a dog runs"
+
+
+def test_oracle_labels_each_kind() -> None:
+    pairs = make_tiny_pairs()
+    embeddings = np.eye(7, dtype=np.float32)
+    embeddings[6] = embeddings[5]
+    oracle = FalseNegativeOracle(pairs, sentence_threshold=0.9, sentence_embeddings=embeddings)
+    anchors = np.array([0, 0, 4, 5, 2, 0])
+    negatives = np.array([1, 3, 2, 6, 5, -1])
+    np.testing.assert_array_equal(oracle.label(anchors, negatives), [1, 2, 3, 4, 0, 0])
+
+
+def test_oracle_rate_ignores_missing_negatives() -> None:
+    oracle = FalseNegativeOracle(make_tiny_pairs())
+    assert oracle.rate(np.array([0, 2, 4]), np.array([1, 5, -1])) == 0.5
+
+
+def test_oracle_requires_embeddings_with_threshold() -> None:
+    with pytest.raises(MiningError):
+        FalseNegativeOracle(make_tiny_pairs(), sentence_threshold=0.8)
+
+
+def test_encode_sentences_cache(tmp_path: Path) -> None:
+    captions = make_tiny_pairs().captions
+    embeddings = encode_sentences(captions, tmp_path)
+    cached = encode_sentences(captions, tmp_path)
+    assert embeddings.shape == (7, 384)
+    assert len(list(tmp_path.glob("sentence_embeddings_*.npy"))) == 1
+    np.testing.assert_array_equal(cached, embeddings)
+    assert embeddings[5] @ embeddings[6] > embeddings[5] @ embeddings[4]
