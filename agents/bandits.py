@@ -366,6 +366,7 @@ class LinUCB(Bandit):
     :param n_levels: number of hardness arms when the action space is a ``Box``
     """
 
+    contextual = True
     name = "linucb"
     option_defaults = {"alpha": 1.0, "lambda": 1.0, "normalize": True, "n_levels": 11}
 

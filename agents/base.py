@@ -53,6 +53,8 @@ class Scheduler:
     per_anchor: ClassVar[bool] = False
     uses_mining: ClassVar[bool] = True
     learns: ClassVar[bool] = False
+    # True when the action depends on the observation, so a policy map of it is informative.
+    contextual: ClassVar[bool] = False
     option_defaults: ClassVar[dict[str, Any] | None] = None
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, **options: Any) -> None:

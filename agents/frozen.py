@@ -39,6 +39,7 @@ class FrozenPolicy(Scheduler):
 
         self.policy = load_scheduler(Path(path), observation_space, action_space)
         self.per_anchor = self.policy.per_anchor
+        self.contextual = self.policy.contextual
         self.uses_mining = self.policy.uses_mining
         self.spec = f"policy:{path}"
 

@@ -68,6 +68,18 @@ class Hardest(_ConstantHardness):
         self.q = 1.0
 
 
+class MafaFilter(Hardest):
+    """GRIT-VLP's hardest negatives behind a MAFA-style false-negative filter, the baseline FALCON compares to.
+
+    The scheduler itself plays q = 1.0 like ``hardest``; selecting it by name
+    also turns on the trainer's ITM filter (``fn_filter: itm:0.5`` unless the
+    configuration sets another threshold), which skips candidates that the
+    current ITM head takes for matches of their anchor.
+    """
+
+    name = "mafa-filter"
+
+
 class FixedHardness(_ConstantHardness):
     """One fixed hardness for every anchor of every batch.
 

@@ -28,7 +28,7 @@ from gymnasium import spaces
 from agents.bandits import EXP3, UCB1, LinUCB, ThompsonSampling
 from agents.base import METADATA_FILE, Scheduler, SchedulerError
 from agents.frozen import FrozenPolicy
-from agents.heuristics import FixedHardness, Hardening, Hardest, RandomBatches, Softening
+from agents.heuristics import FixedHardness, Hardening, Hardest, MafaFilter, RandomBatches, Softening
 from agents.sb3 import A2CScheduler, DQNScheduler, PPOScheduler
 
 ENTRY_POINT_GROUP = "falcon_rl.agents"
@@ -38,7 +38,7 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
     cls.name: cls
     for cls in (
         PPOScheduler, A2CScheduler, DQNScheduler,
-        RandomBatches, Hardest, FixedHardness, Hardening, Softening,
+        RandomBatches, Hardest, MafaFilter, FixedHardness, Hardening, Softening,
         UCB1, EXP3, ThompsonSampling, LinUCB,
     )
 }

@@ -91,6 +91,7 @@ class SB3Scheduler(Scheduler):
 
     per_anchor = True
     learns = True
+    contextual = True
     algorithm: ClassVar[type[BaseAlgorithm]]
 
     def __init__(self, observation_space: spaces.Space, action_space: spaces.Space, **options: Any) -> None:

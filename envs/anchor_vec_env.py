@@ -62,6 +62,7 @@ class AnchorMiningVecEnv(VecEnv):
                  **overrides: Any) -> None:
         self.config = make_config(config, overrides)
         self.run = TrainingRun(self.config, splits)
+        self.render_mode = None
         super().__init__(self.run.n_anchors, self.run.observation_space, make_action_space(self.config))
         self._seed = self.config.seed
         self._episodes = 0

@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", metavar="FILE.json", help="Also write the metrics to this JSON file.")
     evaluate.set_defaults(handler=command_eval)
 
+    from experiments import sweep
+
+    sweep_parser = commands.add_parser("sweep", help="Compare schedulers over seeds: one training run per "
+                                       "scheduler and seed, then a summary with confidence intervals.")
+    sweep.add_sweep_options(sweep_parser)
+    sweep_parser.set_defaults(handler=sweep.command_sweep)
+
     board = commands.add_parser("tensorboard", help="Start TensorBoard on localhost for a run or sweep.",
                                 description="Start TensorBoard on localhost for a run or sweep directory.")
     board.add_argument("directory", metavar="RUN_OR_SWEEP_DIR")

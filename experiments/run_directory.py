@@ -78,6 +78,16 @@ def write_metrics(directory: Path, metrics: dict[str, Any]) -> None:
     write_text_atomic(directory / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
 
 
+def write_history(directory: Path, steps: list[dict[str, Any]], validation: list[dict[str, Any]]) -> None:
+    """Write the per-step curves (reward, loss, hardness, mined FN rate) and validation results."""
+    def clean(value: Any) -> Any:
+        return None if isinstance(value, float) and value != value else value
+
+    history = {"steps": [{key: clean(value) for key, value in entry.items()} for entry in steps],
+               "validation": [{key: clean(value) for key, value in entry.items()} for entry in validation]}
+    write_text_atomic(directory / "history.json", json.dumps(history))
+
+
 def read_metrics(directory: Path) -> dict[str, Any] | None:
     path = directory / "metrics.json"
     if not path.is_file():

@@ -3,19 +3,32 @@
 The loop, top to bottom: the scheduler acts on the anchors' observations,
 the run builds the mined batch and takes an optimizer step, the scheduler
 observes the reward, then the trainer logs, evaluates and checkpoints.
+
+Fault tolerance: a checkpoint is written every ``checkpoint_every`` steps, at
+the end of the budget, and after the step during which SIGTERM or SIGINT
+arrived (then the run stops with exit code 143 or 130); a second signal stops
+at once, without a checkpoint. ``Trainer.train(resume=True)`` continues from
+the newest readable checkpoint. When too many consecutive steps are skipped
+for non-finite values, the run writes a checkpoint of its current state (its
+weights are those of the last finite update) and raises ``NonFiniteError``.
+
+For tests, the environment variable ``FALCON_RL_STOP_AFTER_STEP=N`` (or
+``N:SIGINT``) makes the trainer send itself SIGTERM (or SIGINT) right after
+step N, which stops a run at an exact step through the real signal path.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import signal
 import tempfile
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -28,16 +41,14 @@ from experiments.tensorboard_logger import RunLogger
 from falcon_rl.config import ConfigError, TrainConfig
 from falcon_rl.data import ImageTextPairs
 from falcon_rl.mining import action_to_hardness, batch_observation
-from falcon_rl.training import TrainingRun
+from falcon_rl.training import NonFiniteError, StepResult, TrainingRun
 from falcon_rl.training import checkpoint as ckpt
 from falcon_rl.training.hardware import set_deterministic
 
 logger = logging.getLogger(__name__)
 
 EXIT_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}
-CHECKPOINT_FIELDS_THAT_MUST_MATCH = ("framework", "preset", "model_options", "scheduler", "scheduler_options",
-                                     "action_space", "n_levels", "batch_size", "search_space", "top_k", "seed",
-                                     "reward", "data")
+STOP_AFTER_STEP_VARIABLE = "FALCON_RL_STOP_AFTER_STEP"
 
 
 class Stopped(Exception):
@@ -80,26 +91,40 @@ class Trainer:
         self.val_history: list[dict[str, Any]] = []
         self.wall_seconds = 0.0
         self._stop_signal: int | None = None
+        self._stop_after_step = _stop_after_step_hook()
 
     # -- public entry points ------------------------------------------------
 
     def train(self, resume: bool = False) -> dict[str, Any]:
-        """Train to the step budget (resuming from the newest checkpoint when asked) and evaluate."""
+        """Train to the step budget (resuming from the newest checkpoint when asked) and evaluate.
+
+        Raises ``Stopped`` after a signal and ``NonFiniteError`` after too many
+        skipped steps, each once a checkpoint is written.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self._check_fresh_directory()
+        observation = self._resume() if resume else self._start()
+        # Written after a successful resume, so a rejected resume leaves the run directory as it was.
         run_directory.write_config(self.directory, self.config)
         run_directory.write_run_info(self.directory, str(self.run.device), self.argv)
-        observation = self._resume() if resume else self._start()
+        # metrics.json marks a finished budget; an extended run is unfinished until it ends again.
+        (self.directory / "metrics.json").unlink(missing_ok=True)
         self.logger = RunLogger(self.directory, self.config, purge_step=self.run.step_count)
         previous_handlers = self._install_signal_handlers()
         try:
             self._loop(observation)
+            return self._finish()
         finally:
             self._restore_signal_handlers(previous_handlers)
-        metrics = self._finish()
-        self.logger.close()
-        return metrics
+            self.logger.close()
 
     # -- setup --------------------------------------------------------------
+
+    def _check_fresh_directory(self) -> None:
+        if ckpt.list_checkpoints(self.checkpoint_dir):
+            raise ConfigError(f"invalid value for output: {str(self.directory)!r} already holds checkpoints of "
+                              f"another run; continue it with --resume {self.directory} or choose another --output")
 
     def _start(self) -> np.ndarray:
         seed = self.config.seed
@@ -112,28 +137,28 @@ class Trainer:
 
     def _resume(self) -> np.ndarray:
         payload, path = ckpt.load_newest_valid(self.checkpoint_dir)
-        self._check_compatible(payload, path)
+        ckpt.check_compatible(payload["config"], self.config.to_dict(), path)
+        run_state = ckpt.from_safe(payload["run"])
+        if run_state["counters"]["step"] > self.run.total_steps:
+            raise ConfigError(f"invalid step budget: {self.run.total_steps} steps, but checkpoint {path} is at "
+                              f"step {run_state['counters']['step']}; give a larger --steps or --epochs")
+
+        # NOTE: the scheduler keeps the step budget it was saved with (load restores it), so when
+        # --steps or --epochs extends a run, budget-based schedules (SB3's progress_remaining,
+        # hardening and softening curricula) stay at their saved length.
         self.scheduler.on_run_start(self.run.total_steps, self.config.seed)
-        self.run.load_state_dict(payload["run"])
+        self.run.load_state_dict(run_state)
         with tempfile.TemporaryDirectory() as folder:
             ckpt.unpack_directory(payload["scheduler"], Path(folder))
             self.scheduler.load(Path(folder))
-        trainer_state = payload["trainer"]
+        trainer_state = ckpt.from_safe(payload["trainer"])
         self.history = trainer_state["history"]
         self.val_history = trainer_state["val_history"]
         self.wall_seconds = trainer_state["wall_seconds"]
+        # Last, because building the run and the scheduler above draws from the global generators.
         ckpt.restore_random_states(payload["random"])
         logger.info("resumed from %s at step %d of %d", path, self.run.step_count, self.run.total_steps)
         return self.run.observation()
-
-    def _check_compatible(self, payload: dict[str, Any], path: Path) -> None:
-        saved = payload["config"]
-        current = self.config.to_dict()
-        differing = [name for name in CHECKPOINT_FIELDS_THAT_MUST_MATCH if saved.get(name) != current.get(name)]
-        if differing:
-            detail = ", ".join(f"{name} ({saved.get(name)!r} in the checkpoint, {current.get(name)!r} now)"
-                               for name in differing)
-            raise ckpt.CheckpointError(f"checkpoint {path} comes from another configuration: {detail}")
 
     # -- the loop -----------------------------------------------------------
 
@@ -142,31 +167,60 @@ class Trainer:
         bar = tqdm(total=run.total_steps, initial=run.step_count, desc="train", unit="step",
                    disable=not self.config.progress, dynamic_ncols=True)
         started = time.monotonic()
-        while run.step_count < run.total_steps:
-            action = scheduler.act(self._scheduler_view(observation)) if scheduler.uses_mining else None
-            hardness = action_to_hardness(action, self.action_space) if action is not None else None
-            result = run.step(hardness)
-            observation = result.observation
+        try:
+            while run.step_count < run.total_steps:
+                action = scheduler.act(self._scheduler_view(observation)) if scheduler.uses_mining else None
+                hardness = action_to_hardness(action, self.action_space) if action is not None else None
+                try:
+                    result = run.step(hardness)
+                except NonFiniteError as error:
+                    self._after_step(error.result, action, bar)
+                    self._stop_for_nonfinite(error)
+                observation = result.observation
+                self._after_step(result, action, bar)
 
-            reward = result.anchor_rewards if scheduler.per_anchor else result.reward
-            scheduler.observe(reward, self._scheduler_view(observation), result.terminated, False, result.info)
-            self._record(result.info, observation, action)
-            bar.update(1)
-            bar.set_postfix(self._postfix(result.info), refresh=False)
+                self.wall_seconds += time.monotonic() - started
+                started = time.monotonic()
+                self._maybe_evaluate()
+                self._maybe_checkpoint(result.terminated)
+        finally:
+            bar.close()
 
-            self.wall_seconds += time.monotonic() - started
-            started = time.monotonic()
-            self._maybe_evaluate()
-            self._maybe_checkpoint(result.terminated)
-        bar.close()
+    def _after_step(self, result: StepResult, action: Any, bar: tqdm) -> None:
+        """Hand the step's reward to the scheduler, record the step and fire the test hook."""
+        reward = result.anchor_rewards if self.scheduler.per_anchor else result.reward
+        self.scheduler.observe(self._finite_reward(reward), self._scheduler_view(result.observation),
+                               result.terminated, False, result.info)
+        self._record(result.info, result.observation, action)
+        bar.update(1)
+        bar.set_postfix(self._postfix(result.info), refresh=False)
+        if self._stop_after_step is not None and self.run.step_count == self._stop_after_step[0]:
+            signal.raise_signal(self._stop_after_step[1])
 
     def _scheduler_view(self, observation: np.ndarray) -> np.ndarray:
-        return observation if self.scheduler.per_anchor else batch_observation(observation)
+        view = observation if self.scheduler.per_anchor else batch_observation(observation)
+        # The run's observations are finite and bounded by construction; this keeps that promise
+        # to the scheduler even if a feature computation regresses.
+        if not np.all(np.isfinite(view)):
+            logger.warning("replacing %d non-finite observation values before the scheduler sees them",
+                           int(np.size(view) - np.count_nonzero(np.isfinite(view))))
+            space = self.run.observation_space
+            view = np.clip(np.nan_to_num(view, nan=0.0, posinf=space.high, neginf=space.low), space.low, space.high)
+        return view
+
+    @staticmethod
+    def _finite_reward(reward: float | np.ndarray) -> float | np.ndarray:
+        if np.all(np.isfinite(reward)):
+            return reward
+        logger.warning("replacing a non-finite reward by 0 before the scheduler sees it")
+        if isinstance(reward, np.ndarray):
+            return np.nan_to_num(reward, nan=0.0, posinf=0.0, neginf=0.0)
+        return 0.0
 
     def _record(self, info: dict[str, Any], observation: np.ndarray, action: Any) -> None:
-        entry = {"step": info["step"], "reward": info["reward"], "loss": info["losses"].get("total"),
-                 "mean_hardness": info["mean_hardness"], "mined_fn_rate": info["mined_fn_rate"],
-                 "updated": info["updated"]}
+        entry = {"step": info["step"], "epoch": info["epoch"], "reward": info["reward"],
+                 "loss": info["losses"].get("total"), "mean_hardness": info["mean_hardness"],
+                 "mined_fn_rate": info["mined_fn_rate"], "updated": info["updated"]}
         self.history.append(entry)
         self.logger.log_step(info, observation, self.scheduler)
 
@@ -185,25 +239,26 @@ class Trainer:
             self.logger.log_eval("val", metrics, step)
             logger.info("step %d: validation RSUM %.2f", step, metrics["rsum"])
 
-    # -- checkpoints and signals --------------------------------------------
+    # -- checkpoints, signals and non-finite stops --------------------------
 
     def _maybe_checkpoint(self, terminated: bool) -> None:
         step = self.run.step_count
         due = self.config.checkpoint_every and step % self.config.checkpoint_every == 0
         if due or terminated or self._stop_signal is not None:
             self.save_checkpoint()
-        if self._stop_signal is not None and not terminated:
+        if self._stop_signal is not None:
             code = EXIT_SIGNALS[self._stop_signal]
             logger.warning("stopped by %s after step %d; resume with: falcon-rl train --resume %s",
                            signal.Signals(self._stop_signal).name, step, self.directory)
             raise Stopped(code)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, prune: bool = True) -> Path:
+        """Write ``checkpoints/step-N.pt`` atomically and, when ``prune``, delete all but the newest K."""
         with tempfile.TemporaryDirectory() as folder:
             self.scheduler.save(Path(folder))
             scheduler_files = ckpt.pack_directory(Path(folder))
         payload = {
-            "format": "falcon-rl-checkpoint",
+            "format": ckpt.FORMAT_NAME,
             "version": ckpt.FORMAT_VERSION,
             "config": self.config.to_dict(),
             "run": ckpt.to_safe(self.run.state_dict()),
@@ -215,18 +270,41 @@ class Trainer:
         }
         path = self.checkpoint_dir / f"step-{self.run.step_count}.pt"
         ckpt.save_atomic(payload, path)
-        ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
+        if prune:
+            ckpt.prune_checkpoints(self.checkpoint_dir, self.config.keep_checkpoints)
         return path
 
+    def _stop_for_nonfinite(self, error: NonFiniteError) -> NoReturn:
+        """Checkpoint the run, whose weights are those of the last finite update, and stop.
+
+        Skipped steps change no weights, so the checkpoint holds the model of
+        the last update. The older checkpoints are kept (no pruning), in case
+        that update is what made later steps diverge.
+        """
+        last_update = max((entry["step"] for entry in self.history if entry["updated"]), default=0)
+        weights = f"the weights after step {last_update}" if last_update else "the initial weights"
+        if all(bool(torch.isfinite(p).all()) for p in self.run.framework.parameters()):
+            path = self.save_checkpoint(prune=False)
+            where = f"wrote checkpoint {path} with {weights}, the last finite update"
+        else:
+            saved = ckpt.list_checkpoints(self.checkpoint_dir)
+            where = (f"the model weights are non-finite, so no checkpoint was written; the newest is {saved[-1][1]}"
+                     if saved else "the model weights are non-finite and no checkpoint exists")
+        raise NonFiniteError(f"{error}; {where}", error.result) from None
+
     def _install_signal_handlers(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+
         def handle(signum: int, frame: FrameType | None) -> None:
+            name = signal.Signals(signum).name
             if self._stop_signal is not None:
+                logger.warning("received %s again: stopping now, without a checkpoint", name)
+                self._restore_signal_handlers(previous)
+                signal.raise_signal(signum)
                 return
             self._stop_signal = signum
-            logger.warning("received %s: finishing the current step, then writing a checkpoint",
-                           signal.Signals(signum).name)
+            logger.warning("received %s: finishing the current step, then writing a checkpoint", name)
 
-        previous = {}
         for signum in EXIT_SIGNALS:
             try:
                 previous[signum] = signal.signal(signum, handle)
@@ -268,6 +346,7 @@ class Trainer:
         })
         metrics = {key: _json_number(value) for key, value in metrics.items()}
         run_directory.write_metrics(self.directory, metrics)
+        run_directory.write_history(self.directory, self.history, self.val_history)
         self.logger.log_hparams(metrics)
         self._save_final_policy()
         return metrics
@@ -287,9 +366,29 @@ def _json_number(value: Any) -> Any:
     return value
 
 
+def _stop_after_step_hook() -> tuple[int, int] | None:
+    """Parse ``FALCON_RL_STOP_AFTER_STEP`` (``N`` or ``N:SIGINT``), a hook for tests; None when unset."""
+    text = os.environ.get(STOP_AFTER_STEP_VARIABLE, "").strip()
+    if not text:
+        return None
+    step, _, name = text.partition(":")
+    try:
+        signum = signal.Signals[name or "SIGTERM"]
+        if signum not in EXIT_SIGNALS:
+            raise KeyError(name)
+        return int(step), signum
+    except (KeyError, ValueError):
+        raise ConfigError(f"invalid value for {STOP_AFTER_STEP_VARIABLE}: {text!r} "
+                          "(expected STEP, STEP:SIGTERM or STEP:SIGINT)") from None
+
+
 def resume_config(directory: Path, overrides: dict[str, Any]) -> TrainConfig:
-    """The saved configuration of ``directory`` with the overrides a resume may change."""
-    allowed = {"steps", "epochs", "device"}
+    """Return the saved configuration of ``directory`` with the overrides a resume may change.
+
+    Only the budget (``steps``, ``epochs``), the ``device`` and the progress bar
+    may change; any other override raises ``ConfigError`` naming its option.
+    """
+    allowed = {"steps", "epochs", "device", "progress"}
     rejected = sorted(set(overrides) - allowed)
     if rejected:
         options = ", ".join("--" + name.replace("_", "-") for name in rejected)

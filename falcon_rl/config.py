@@ -66,6 +66,9 @@ class TrainConfig:
     search_backend: str = _field("faiss", "Nearest-neighbour search backend.", ("faiss", "torch"))
     bank_init: str = _field("encode", "'encode': fill the embedding bank with one pass over the training "
                                       "set at the start; 'random': random unit vectors.", ("encode", "random"))
+    fn_filter: str | None = _field(None, "MAFA-style false-negative filter 'itm:THRESHOLD': candidates whose ITM "
+                                         "match probability under the current model exceeds THRESHOLD are "
+                                         "skipped. Works with any scheduler; 'mafa-filter' turns it on at 0.5.")
     fn_sentence_threshold: float | None = _field(None, "Also count a mined negative as a likely false "
                                                        "negative when its caption's sentence-embedding cosine "
                                                        "with the anchor's caption is at least this value.")
@@ -128,9 +131,27 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "itm_rerank", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"invalid value for {name}: {getattr(self, name)!r} (must not be negative)")
+        if self.scheduler == "mafa-filter" and self.fn_filter is None:
+            self.fn_filter = f"itm:{MAFA_DEFAULT_THRESHOLD}"
+        if self.fn_filter is not None:
+            self.fn_filter_threshold()
         if self.fn_sentence_threshold is not None and not -1.0 <= self.fn_sentence_threshold <= 1.0:
             raise ConfigError(f"invalid value for fn_sentence_threshold: {self.fn_sentence_threshold!r} "
                               "(a cosine similarity in [-1, 1])")
+
+    def fn_filter_threshold(self) -> float | None:
+        """The ITM threshold of ``fn_filter``, or None when filtering is off."""
+        if self.fn_filter is None:
+            return None
+        kind, _, value = self.fn_filter.partition(":")
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = float("nan")
+        if kind != "itm" or not 0.0 <= threshold <= 1.0:
+            raise ConfigError(f"invalid value for fn_filter: {self.fn_filter!r} (expected itm:THRESHOLD with "
+                              "THRESHOLD a probability in [0, 1], e.g. itm:0.5)")
+        return threshold
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
@@ -161,6 +182,7 @@ class TrainConfig:
 
 
 DEFAULT_STEPS = 250
+MAFA_DEFAULT_THRESHOLD = 0.5
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:

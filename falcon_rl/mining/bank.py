@@ -3,6 +3,10 @@
 The bank is refreshed from the image and text embeddings that each training
 step already computes (GRIT-VLP's trick, so mining costs no extra forward
 pass). Rows of pairs that were never written are zero.
+
+Both modalities live in one ``[N, 2d]`` tensor, image in the first d columns
+and text in the last d, so that the candidate keys ``[img, txt]`` of a set of
+pairs are a single row gather (see :meth:`EmbeddingBank.keys`).
 """
 
 from __future__ import annotations
@@ -16,15 +20,23 @@ from falcon_rl.mining.errors import MiningError
 
 IndexLike = np.ndarray | torch.Tensor | Sequence[int]
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 
 class EmbeddingBank:
     """Image and text ITC embeddings of all ``n_pairs`` training pairs.
 
+    Writes through :meth:`update`, :meth:`fill` and :meth:`load_state_dict`
+    replace non-finite values by 0, so searches can read rows as stored, and
+    advance ``row_version``. Code that writes ``image``, ``text`` or
+    ``embeddings`` directly must keep them finite and call :meth:`touch`.
+
     :param n_pairs: number of training pairs N.
     :param dim: embedding dimension d.
     :param dtype: storage dtype; ``torch.float16`` halves the memory, and
-        searches always compute in float32.
-    :param device: device of the two ``[N, d]`` tensors.
+        searches convert the rows they read to float32 (one search space at
+        a time), so they always compute in float32.
+    :param device: device of the bank's tensors.
     """
 
     def __init__(
@@ -38,16 +50,29 @@ class EmbeddingBank:
             raise MiningError(f"n_pairs must be >= 1, got {n_pairs}")
         if int(dim) < 1:
             raise MiningError(f"dim must be >= 1, got {dim}")
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise MiningError(f"dtype must be a floating torch dtype, got {dtype}")
+        if dtype not in DTYPES:
+            raise MiningError(f"dtype must be one of {DTYPES}, got {dtype}")
 
         self.n_pairs = int(n_pairs)
         self.dim = int(dim)
         self.dtype = dtype
         self.device = torch.device(device)
-        self.image = torch.zeros(self.n_pairs, self.dim, dtype=dtype, device=self.device)
-        self.text = torch.zeros(self.n_pairs, self.dim, dtype=dtype, device=self.device)
+        self.embeddings = torch.zeros(self.n_pairs, 2 * self.dim, dtype=dtype, device=self.device)
         self.filled = torch.zeros(self.n_pairs, dtype=torch.bool, device=self.device)
+        # Write counter, and the counter value of each row's latest write, so a
+        # cache of rows (an approximate index) can tell which rows changed.
+        self.version = 0
+        self.row_version = np.zeros(self.n_pairs, dtype=np.int64)
+
+    @property
+    def image(self) -> torch.Tensor:
+        """Image embeddings ``[N, d]``, a view of the bank's storage."""
+        return self.embeddings[:, : self.dim]
+
+    @property
+    def text(self) -> torch.Tensor:
+        """Text embeddings ``[N, d]``, a view of the bank's storage."""
+        return self.embeddings[:, self.dim :]
 
     def update(self, pair_indices: IndexLike, image_embed: torch.Tensor, text_embed: torch.Tensor) -> None:
         """Write the embeddings of the given pairs (for example one training batch).
@@ -63,9 +88,11 @@ class EmbeddingBank:
                     f"{name} must have shape ({index.numel()}, {self.dim}), got {tuple(embed.shape)}"
                 )
 
-        self.image[index] = image_embed.detach().to(device=self.device, dtype=self.dtype)
-        self.text[index] = text_embed.detach().to(device=self.device, dtype=self.dtype)
+        rows = torch.cat([image_embed.detach().to(self.device), text_embed.detach().to(self.device)], dim=1)
+        self.embeddings[index] = _finite(rows.to(self.dtype))
         self.filled[index] = True
+        self.version += 1
+        self.row_version[index.cpu().numpy()] = self.version
 
     def fill(self, image_embed: torch.Tensor, text_embed: torch.Tensor, start: int = 0) -> None:
         """Write a contiguous block of rows, e.g. during an initial embedding pass.
@@ -81,16 +108,30 @@ class EmbeddingBank:
             )
         self.update(torch.arange(start, start + n), image_embed, text_embed)
 
+    def touch(self, pair_indices: IndexLike | None = None) -> None:
+        """Mark rows (all when None) as written, after writing ``embeddings`` directly."""
+        self.version += 1
+        if pair_indices is None:
+            self.row_version[:] = self.version
+        else:
+            self.row_version[self._as_index(pair_indices).cpu().numpy()] = self.version
+
+    def keys(self, pair_indices: IndexLike) -> torch.Tensor:
+        """Return float32 candidate keys ``[img, txt]`` of the given pairs, ``[n, 2d]``, as stored."""
+        return self.embeddings[self._as_index(pair_indices)].float()
+
     def vectors(self, pair_indices: IndexLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Return float32 image and text rows of the given pairs, non-finite values set to 0."""
-        index = self._as_index(pair_indices)
-        image = torch.nan_to_num(self.image[index].float(), nan=0.0, posinf=0.0, neginf=0.0)
-        text = torch.nan_to_num(self.text[index].float(), nan=0.0, posinf=0.0, neginf=0.0)
-        return image, text
+        rows = _finite(self.embeddings[self._as_index(pair_indices)].float())
+        return rows[:, : self.dim], rows[:, self.dim :]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Return the bank's tensors (on CPU) for checkpointing."""
-        return {"image": self.image.cpu(), "text": self.text.cpu(), "filled": self.filled.cpu()}
+        """Return copies of the bank's tensors (on CPU) for checkpointing."""
+        return {
+            "image": self.image.cpu().contiguous().clone(),
+            "text": self.text.cpu().contiguous().clone(),
+            "filled": self.filled.cpu().clone(),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore tensors saved by :meth:`state_dict`; the shapes must match this bank."""
@@ -100,9 +141,11 @@ class EmbeddingBank:
                     f"bank state '{name}' has shape {tuple(state[name].shape)}, "
                     f"expected ({self.n_pairs}, {self.dim})"
                 )
-        self.image = state["image"].to(device=self.device, dtype=self.dtype).clone()
-        self.text = state["text"].to(device=self.device, dtype=self.dtype).clone()
+        rows = torch.cat([state["image"].to(self.device), state["text"].to(self.device)], dim=1)
+        self.embeddings = _finite(rows.to(self.dtype)).contiguous()
         self.filled = state["filled"].to(device=self.device, dtype=torch.bool).clone()
+        self.version += 1
+        self.row_version[:] = self.version
 
     def _as_index(self, pair_indices: IndexLike) -> torch.Tensor:
         index = torch.as_tensor(np.asarray(pair_indices) if not torch.is_tensor(pair_indices) else pair_indices)
@@ -111,3 +154,7 @@ class EmbeddingBank:
             raise MiningError(f"pair indices must lie in [0, {self.n_pairs}), got min "
                               f"{int(index.min())} and max {int(index.max())}")
         return index
+
+
+def _finite(values: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)

@@ -1,4 +1,4 @@
-"""Exact top-K candidate search by cross-modal similarity.
+"""Top-K candidate search by cross-modal similarity.
 
 The similarity of anchor a and candidate c is
 
@@ -6,16 +6,21 @@ The similarity of anchor a and candidate c is
 
 the mean of the image-to-text and text-to-image inner products. With keys
 ``[img_c, txt_c]`` and queries ``[txt_a, img_a]`` (both ``2d`` wide), one
-inner product gives exactly ``2 s(a, c)``, so a flat inner-product index
+inner product gives exactly ``2 s(a, c)``, so an inner-product index
 answers the search. Candidates that share the anchor's group (its
 ``image_id``) are positives and never returned.
 
-Backends return the same candidates up to ties in similarity:
+Backends of the exact (``index="flat"``) search return the same candidates
+up to ties in similarity:
 
-- ``"faiss"``: ``faiss.IndexFlatIP`` (a GPU flat index when CUDA is
-  available and the installed faiss has GPU support).
+- ``"faiss"``: ``faiss.knn`` brute force on the CPU, or ``faiss.knn_gpu``
+  when the installed faiss sees a GPU.
 - ``"torch"``: blocked matrix products and ``topk`` on the keys' device, so
   no ``[A, P]`` matrix larger than one block is ever built.
+
+``index="ivf"`` or ``"hnsw"`` keeps an approximate FAISS index of the search
+space across batches instead (see :mod:`falcon_rl.mining.approximate`); it
+trades exactness for speed when the search space is large.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ import faiss
 import numpy as np
 import torch
 
+from falcon_rl.mining.approximate import APPROXIMATE_INDEXES, ApproximateIndex
+from falcon_rl.mining.bank import EmbeddingBank
 from falcon_rl.mining.errors import MiningError
+from falcon_rl.mining.positives import drop_same_group, same_group_counts
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("faiss", "torch")
+INDEXES = ("flat", *APPROXIMATE_INDEXES)
 
 
 def cross_modal_queries(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -41,6 +50,12 @@ def cross_modal_queries(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor
 def cross_modal_keys(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Return candidate keys ``[img, txt]`` of shape ``[n, 2d]``."""
     return torch.cat([image, text], dim=1)
+
+
+def queries_from_keys(keys: torch.Tensor) -> torch.Tensor:
+    """Return queries ``[txt, img]`` from keys ``[img, txt]`` by swapping the halves."""
+    dim = keys.shape[1] // 2
+    return torch.cat([keys[:, dim:], keys[:, :dim]], dim=1)
 
 
 def directional_similarities(
@@ -58,27 +73,83 @@ def directional_similarities(
     :return: ``i2t`` = <img_a, txt_c> ``[A, K]``, ``t2i`` = <txt_a, img_c>
         ``[A, K]`` and ``positive`` = <img_a, txt_a> ``[A]``.
     """
-    i2t = torch.einsum("ad,akd->ak", anchor_image, candidate_text)
-    t2i = torch.einsum("ad,akd->ak", anchor_text, candidate_image)
+    i2t = torch.bmm(candidate_text, anchor_image.unsqueeze(2)).squeeze(2)
+    t2i = torch.bmm(candidate_image, anchor_text.unsqueeze(2)).squeeze(2)
     positive = (anchor_image * anchor_text).sum(dim=1)
     return i2t, t2i, positive
 
 
 class CandidateSearch:
-    """Exact top-K search of keys by inner product, skipping keys of the query's group.
+    """Top-K search of keys by inner product, skipping keys of the query's group.
 
-    :param backend: ``"faiss"`` or ``"torch"``.
+    :param backend: ``"faiss"`` or ``"torch"``; the approximate indexes need ``"faiss"``.
     :param block_size: keys per matrix product in the torch backend.
+    :param index: ``"flat"`` (exact, the default), ``"ivf"`` or ``"hnsw"``
+        (approximate, CPU only; see :class:`~falcon_rl.mining.approximate.ApproximateIndex`).
+    :param index_options: keyword arguments of
+        :class:`~falcon_rl.mining.approximate.ApproximateIndex` (``nlist``,
+        ``nprobe``, ``hnsw_m``, ``ef_search``, ``ef_construction``).
     """
 
-    def __init__(self, backend: str = "faiss", block_size: int = 65536) -> None:
+    def __init__(
+        self,
+        backend: str = "faiss",
+        block_size: int = 65536,
+        index: str = "flat",
+        index_options: dict | None = None,
+    ) -> None:
         if backend not in BACKENDS:
             raise MiningError(f"search backend must be one of {BACKENDS}, got {backend!r}")
         if int(block_size) < 1:
             raise MiningError(f"block_size must be >= 1, got {block_size}")
+        if index not in INDEXES:
+            raise MiningError(f"search index must be one of {INDEXES}, got {index!r}")
+        if index != "flat" and backend != "faiss":
+            raise MiningError(f"search index {index!r} needs backend 'faiss', got backend {backend!r}")
+        if index == "flat" and index_options:
+            raise MiningError(f"index_options apply to the indexes {APPROXIMATE_INDEXES}, not to 'flat'")
+
         self.backend = backend
         self.block_size = int(block_size)
+        self.index = index
+        self.approximate = ApproximateIndex(index, **(index_options or {})) if index != "flat" else None
         self._gpu_resources = None
+
+    def reset(self) -> None:
+        """Drop the persistent approximate index (it is rebuilt by the next search)."""
+        if self.approximate is not None:
+            self.approximate.reset()
+
+    def search_pool(
+        self,
+        queries: torch.Tensor,
+        query_groups: np.ndarray,
+        pool: np.ndarray,
+        groups: np.ndarray,
+        bank: EmbeddingBank,
+        k: int,
+    ) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Return, per query, the pair indices of its ``k`` nearest pool pairs of other groups.
+
+        :param queries: float32 queries ``[A, 2d]`` from :func:`cross_modal_queries`.
+        :param query_groups: int64 group (image_id) of each query ``[A]``.
+        :param pool: int64 pair indices searched ``[P]``.
+        :param groups: int64 group of every pair of the bank ``[N]``.
+        :param bank: the embeddings of all pairs.
+        :param k: number of results per query.
+        :return: ``candidates`` int64 ``[A, k]`` pair indices sorted by
+            similarity (-1 pads), and the pool's keys ``[P, 2d]`` that the
+            flat index gathered (None for the approximate indexes, which do
+            not gather the whole pool).
+        """
+        if self.approximate is not None:
+            return self.approximate.search(queries, query_groups, pool, groups, bank, k), None
+
+        keys = bank.keys(pool)
+        positions, _ = self.search(queries, query_groups, keys, groups[pool], k)
+        if pool.size == 0:
+            return positions, keys
+        return np.where(positions >= 0, pool[np.clip(positions, 0, None)], -1), keys
 
     def search(
         self,
@@ -88,7 +159,7 @@ class CandidateSearch:
         key_groups: np.ndarray,
         k: int,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Return, per query, the ``k`` keys of other groups with the largest similarity.
+        """Return, per query, the ``k`` keys of other groups with the largest similarity (exact).
 
         :param queries: float32 queries ``[A, 2d]`` from :func:`cross_modal_queries`.
         :param query_groups: int64 group (image_id) of each query ``[A]``.
@@ -124,33 +195,20 @@ class CandidateSearch:
     ) -> tuple[np.ndarray, np.ndarray]:
         # Ask for as many extra results as the most same-group keys any query
         # has, so that k remain after dropping them.
-        groups, group_sizes = np.unique(key_groups, return_counts=True)
-        slot = np.clip(np.searchsorted(groups, query_groups), 0, len(groups) - 1)
-        same_group = np.where(groups[slot] == query_groups, group_sizes[slot], 0)
-        n_results = min(k + int(same_group.max()), int(keys.shape[0]))
+        n_results = min(k + int(same_group_counts(query_groups, key_groups).max()), int(keys.shape[0]))
+        query_array = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        key_array = np.ascontiguousarray(keys.detach().float().cpu().numpy())
 
-        index = self._flat_index(int(keys.shape[1]))
-        index.add(np.ascontiguousarray(keys.detach().float().cpu().numpy()))
-        scores, found = index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), n_results)
-
-        valid = found >= 0
-        valid &= key_groups[np.clip(found, 0, None)] != query_groups[:, None]
-        # A stable sort on ~valid moves the valid results to the front in their
-        # similarity order.
-        keep = np.argsort(~valid, axis=1, kind="stable")[:, :k]
-        found = np.take_along_axis(found, keep, axis=1)
-        scores = np.take_along_axis(scores, keep, axis=1)
-        found[~np.take_along_axis(valid, keep, axis=1)] = -1
-        return found.astype(np.int64), scores.astype(np.float32)
-
-    def _flat_index(self, dim: int) -> faiss.Index:
-        if torch.cuda.is_available() and hasattr(faiss, "StandardGpuResources"):
-            # NOTE: the GPU index path is not exercised by the CPU test suite.
+        if faiss.get_num_gpus() > 0:
+            # NOTE: the GPU path is not exercised by the CPU test suite.
             if self._gpu_resources is None:
                 self._gpu_resources = faiss.StandardGpuResources()
-                logger.info("candidate search uses a faiss GPU flat index")
-            return faiss.GpuIndexFlatIP(self._gpu_resources, dim)
-        return faiss.IndexFlatIP(dim)
+                logger.info("candidate search uses faiss.knn_gpu")
+            scores, found = faiss.knn_gpu(self._gpu_resources, query_array, key_array, n_results,
+                                          metric=faiss.METRIC_INNER_PRODUCT)
+        else:
+            scores, found = faiss.knn(query_array, key_array, n_results, metric=faiss.METRIC_INNER_PRODUCT)
+        return drop_same_group(found, scores, query_groups, key_groups[np.clip(found, 0, None)], k)
 
     def _search_torch(
         self,
@@ -172,10 +230,11 @@ class CandidateSearch:
             block_groups = key_groups_t[start : start + block.shape[0]]
             scores = queries @ block.T
             scores.masked_fill_(query_groups_t[:, None] == block_groups[None, :], -torch.inf)
-            block_positions = torch.arange(start, start + block.shape[0], device=device)
+            block_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
+            block_positions = top + start
 
-            scores = torch.cat([best_scores, scores], dim=1)
-            positions = torch.cat([best_positions, block_positions.expand(queries.shape[0], -1)], dim=1)
+            scores = torch.cat([best_scores, block_scores], dim=1)
+            positions = torch.cat([best_positions, block_positions], dim=1)
             best_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
             best_positions = positions.gather(1, top)
 

@@ -22,7 +22,13 @@ import torch
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)\.pt$")
+# save_atomic's temporary files: ".step-N.pt.<random>.tmp", never matched by CHECKPOINT_PATTERN.
+TEMPORARY_PATTERN = re.compile(r"^\.step-\d+\.pt\..*\.tmp$")
+FORMAT_NAME = "falcon-rl-checkpoint"
 FORMAT_VERSION = 1
+PAYLOAD_KEYS = ("config", "run", "scheduler", "trainer", "random")
+# Configuration fields a resumed run may change: the budget, where it runs and how it reports.
+RESUMABLE_FIELDS = frozenset({"steps", "epochs", "device", "output", "progress"})
 
 
 class CheckpointError(ValueError):
@@ -93,14 +99,26 @@ def random_states() -> dict[str, Any]:
 
 
 def restore_random_states(states: dict[str, Any]) -> None:
+    """Restore what ``random_states`` captured.
+
+    CUDA states are restored only when the run again sees as many CUDA
+    devices; otherwise (a run resumed on another device) they are skipped
+    with a warning, and the resumed run cannot repeat the uninterrupted one exactly.
+    """
     python = states["python"]
     random.setstate((python["version"], tuple(int(x) for x in python["state"].tolist()), python["gauss"]))
     numpy_state = states["numpy"]
     np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32),
                          numpy_state["pos"], numpy_state["has_gauss"], numpy_state["cached"]))
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    saved_cuda = states.get("cuda")
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if saved_cuda is not None and len(saved_cuda) == available:
+        torch.cuda.set_rng_state_all(saved_cuda)
+    elif saved_cuda is not None or available:
+        logger.warning("the checkpoint holds CUDA random states for %d devices and this run has %d; "
+                       "CUDA random states are not restored", 0 if saved_cuda is None else len(saved_cuda),
+                       available)
 
 
 def save_atomic(payload: dict[str, Any], path: Path) -> None:
@@ -113,6 +131,8 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file readable by its owner only; a checkpoint is an ordinary file.
+        os.fchmod(handle, 0o644)
         with os.fdopen(handle, "wb") as stream:
             torch.save(payload, stream)
             stream.flush()
@@ -137,8 +157,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as error:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: "
                               f"{str(error).splitlines()[0] if str(error) else 'no detail'})") from None
-    if not isinstance(payload, dict) or payload.get("format") != "falcon-rl-checkpoint":
-        raise CheckpointError(f"{path} is not a falcon-rl checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"checkpoint {path} is not a falcon-rl checkpoint")
+    if payload.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {payload.get('version')!r}; this falcon-rl "
+                              f"reads version {FORMAT_VERSION}")
+    missing = [key for key in PAYLOAD_KEYS if key not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(missing)}")
     return payload
 
 
@@ -155,21 +181,43 @@ def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Delete all but the ``keep`` newest checkpoints, and stale temporary files."""
+    """Delete all but the ``keep`` newest checkpoints, and temporary files of interrupted writes.
+
+    Call it only from the process that writes the checkpoints, after a write
+    finished: any temporary file left then belongs to a writer that was killed.
+    """
     for _, path in list_checkpoints(directory)[:-keep]:
         path.unlink(missing_ok=True)
+    for file in directory.iterdir():
+        if TEMPORARY_PATTERN.match(file.name):
+            logger.info("deleting %s, left by an interrupted checkpoint write", file)
+            file.unlink(missing_ok=True)
 
 
 def load_newest_valid(directory: Path) -> tuple[dict[str, Any], Path]:
-    """Load the newest checkpoint in ``directory`` that reads cleanly, falling back to older ones."""
+    """Load the newest checkpoint in ``directory`` that reads cleanly, falling back to older ones.
+
+    Each unreadable checkpoint is logged once, by name, before the next older one is tried.
+    """
     candidates = list_checkpoints(directory)
     if not candidates:
         raise CheckpointError(f"no checkpoint found in {directory}")
     errors = []
-    for _, path in reversed(candidates):
+    for position, (_, path) in enumerate(reversed(candidates)):
         try:
             return load_checkpoint(path), path
         except CheckpointError as error:
-            logger.warning("%s; trying the previous checkpoint", error)
             errors.append(str(error))
+            if position + 1 < len(candidates):
+                logger.warning("%s; falling back to the previous checkpoint", error)
     raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
+
+
+def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Raise ``CheckpointError`` naming every field, other than ``RESUMABLE_FIELDS``, that differs."""
+    names = sorted((set(saved) | set(current)) - RESUMABLE_FIELDS)
+    differing = [name for name in names if saved.get(name) != current.get(name)]
+    if differing:
+        detail = ", ".join(f"{name} ({saved.get(name)!r} in the checkpoint, {current.get(name)!r} now)"
+                           for name in differing)
+        raise CheckpointError(f"checkpoint {path} comes from another configuration: {detail}")

@@ -40,6 +40,7 @@ from falcon_rl.training.hardware import autocast, evaluation_mode, resolve_devic
 logger = logging.getLogger(__name__)
 
 REWARD_PROXIES = {"mlm_gain": "mlm", "itc_gain": "itc", "itm_gain": "itm"}
+ITM_FILTER_BATCH = 256
 LOSS_EMA_DECAY = 0.9
 
 
@@ -103,9 +104,14 @@ class TrainingRun:
             raise ConfigError(f"invalid value for reward: {config.reward!r} "
                               f"(framework {config.framework!r} has no ITM head)")
 
+        self.fn_filter_threshold = config.fn_filter_threshold()
+        if self.fn_filter_threshold is not None and not self.framework.has_itm:
+            raise ConfigError(f"invalid value for fn_filter: {config.fn_filter!r} "
+                              f"(framework {config.framework!r} has no ITM head)")
         self.observation_space = spaces.Box(OBS_LOW, OBS_HIGH, dtype=np.float32)
         self.oracle = FalseNegativeOracle(self.train_pairs, sentence_threshold=config.fn_sentence_threshold)
         self.uses_mining = True
+        self._filtered_count = 0
         self._initialised = False
 
     # -- construction -------------------------------------------------------
@@ -242,7 +248,38 @@ class TrainingRun:
         if hardness.size == 1:
             hardness = np.full(n_anchors, hardness.item(), dtype=np.float32)
         hardness = np.clip(np.nan_to_num(hardness[:n_anchors], nan=1.0), 0.0, 1.0)
-        return self.builder.select(self.proposal, hardness)
+        excluded = self._itm_filter(self.proposal) if self.fn_filter_threshold is not None else None
+        return self.builder.select(self.proposal, hardness, excluded)
+
+    @torch.no_grad()
+    def _itm_filter(self, proposal: Proposal) -> np.ndarray:
+        """Mark candidates that the current ITM head takes for matches of their anchor (MAFA-style).
+
+        A candidate is excluded when either cross pairing, anchor image with
+        candidate caption or candidate image with anchor caption, has an ITM
+        match probability above the threshold.
+        """
+        valid = proposal.candidates >= 0
+        anchors = np.repeat(proposal.anchors[:, None], proposal.candidates.shape[1], axis=1)[valid]
+        candidates = proposal.candidates[valid]
+        probabilities = np.zeros(len(candidates), dtype=np.float32)
+        for start in range(0, len(candidates), ITM_FILTER_BATCH):
+            chunk = slice(start, start + ITM_FILTER_BATCH)
+            with autocast(self.device, self.precision):
+                first = self._match_prob(anchors[chunk], candidates[chunk])
+                second = self._match_prob(candidates[chunk], anchors[chunk])
+            probabilities[chunk] = np.maximum(first, second)
+        excluded = np.zeros(proposal.candidates.shape, dtype=bool)
+        excluded[valid] = probabilities > self.fn_filter_threshold
+        self._filtered_count = int(excluded.sum())
+        return excluded
+
+    def _match_prob(self, image_pairs: np.ndarray, text_pairs: np.ndarray) -> np.ndarray:
+        image_index = torch.as_tensor(self.train_pairs.image_ids[image_pairs], dtype=torch.long)
+        images = self.framework.preprocess_images(self.train_pairs.images[image_index].to(self.device))
+        text_index = torch.as_tensor(text_pairs, dtype=torch.long)
+        text = TextBatch(self.input_ids[text_index].to(self.device), self.attention_mask[text_index].to(self.device))
+        return self.framework.itm_match_prob(images, text).float().cpu().numpy()
 
     def _train_on(self, batch: MinedBatch) -> tuple[dict[str, float], float, bool]:
         """Take one optimizer step on ``batch``; return its losses, the reward and whether it updated."""
@@ -319,16 +356,20 @@ class TrainingRun:
         self.loss_change = self.loss_ema - previous
 
     def _label_false_negatives(self, batch: MinedBatch) -> np.ndarray:
-        if batch.negatives is None:
-            return np.zeros(0, dtype=np.int8)
+        """Oracle labels per anchor (see ``FalseNegativeOracle``), -1 where the anchor has no negative."""
+        labels = np.full(len(batch.anchors), -1, dtype=np.int8)
         valid = batch.negatives >= 0
-        return self.oracle.label(batch.anchors[valid], batch.negatives[valid])
+        if valid.any():
+            labels[valid] = self.oracle.label(batch.anchors[valid], batch.negatives[valid])
+        return labels
 
     def _step_info(self, batch: MinedBatch, losses: dict[str, float], reward: float, updated: bool,
                    fn_labels: np.ndarray) -> dict[str, Any]:
         mined = self.uses_mining and batch.hardness is not None
+        labelled = fn_labels[fn_labels >= 0]
         return {
             "step": self.step_count,
+            "total_steps": self.total_steps,
             "epoch": self.builder.epoch,
             "epoch_end": bool(batch.epoch_end),
             "losses": losses,
@@ -339,9 +380,10 @@ class TrainingRun:
             "batch_size": len(batch.pair_indices),
             "hardness": batch.hardness if mined else None,
             "mean_hardness": float(np.mean(batch.hardness)) if mined and len(batch.hardness) else None,
-            "mined_fn_rate": float(np.mean(fn_labels > 0)) if mined and len(fn_labels) else None,
+            "mined_fn_rate": float(np.mean(labelled > 0)) if mined and len(labelled) else None,
             "fn_labels": fn_labels,
             "fallbacks": dict(batch.fallbacks),
+            "fn_filtered": self._filtered_count if self.fn_filter_threshold is not None else None,
         }
 
     # -- evaluation ---------------------------------------------------------

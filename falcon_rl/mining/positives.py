@@ -1,0 +1,36 @@
+"""Removing an anchor's positives (pairs of its own image_id) from search results."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def same_group_counts(query_groups: np.ndarray, key_groups: np.ndarray) -> np.ndarray:
+    """Return, per query, how many keys share its group."""
+    groups, group_sizes = np.unique(key_groups, return_counts=True)
+    if groups.size == 0:
+        return np.zeros(len(query_groups), dtype=np.int64)
+    slot = np.clip(np.searchsorted(groups, query_groups), 0, len(groups) - 1)
+    return np.where(groups[slot] == query_groups, group_sizes[slot], 0)
+
+
+def drop_same_group(
+    found: np.ndarray, scores: np.ndarray, query_groups: np.ndarray, found_groups: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Remove results of the query's own group and -1 results, keeping the first ``k`` others in order.
+
+    :param found: int ``[A, R]`` results per query, best first, -1 pads.
+    :param scores: float ``[A, R]`` their scores.
+    :param query_groups: int64 ``[A]`` group of each query.
+    :param found_groups: int64 ``[A, R]`` group of each result (any value at -1 pads).
+    :param k: results kept per query.
+    :return: ``found`` int64 ``[A, min(k, R)]`` with -1 pads, and the matching float32 ``scores``.
+    """
+    valid = (found >= 0) & (found_groups != query_groups[:, None])
+    # A stable sort on ~valid moves the valid results to the front in their
+    # similarity order.
+    keep = np.argsort(~valid, axis=1, kind="stable")[:, :k]
+    found = np.take_along_axis(found, keep, axis=1).astype(np.int64)
+    scores = np.take_along_axis(scores, keep, axis=1).astype(np.float32)
+    found[~np.take_along_axis(valid, keep, axis=1)] = -1
+    return found, scores
