@@ -167,7 +167,6 @@ def command_train(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def _overrides_only(args: argparse.Namespace) -> tuple[None, dict[str, Any]]:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
-    overrides.pop("progress", None)
     return None, overrides
 
 
@@ -252,19 +251,32 @@ def main(argv: Sequence[str] | None = None, prog: str = "falcon-rl") -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # FAISS logs which CPU instruction set it loaded at INFO; that is noise for a training run.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    try:
+        return args.handler(args, argv)
+    except Exception as error:
+        return _report_error(error, prog)
+
+
+def _report_error(error: Exception, prog: str) -> int:
+    """Turn the errors a user can cause into one line and an exit code; re-raise anything else.
+
+    The error classes are imported here, after the command ran, so that a
+    bad option does not pay for importing torch.
+    """
     from experiments.trainer import Stopped
     from falcon_rl.training import NonFiniteError
 
-    try:
-        return args.handler(args, argv)
-    except _known_errors() as error:
+    if isinstance(error, _known_errors()):
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except NonFiniteError as error:
+    if isinstance(error, NonFiniteError):
         print(f"{prog}: error: training stopped: {error}; the last good checkpoint is kept", file=sys.stderr)
         return EXIT_NONFINITE
-    except Stopped as stop:
-        return stop.exit_code
+    if isinstance(error, Stopped):
+        return error.exit_code
+    raise error
 
 
 if __name__ == "__main__":

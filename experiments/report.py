@@ -127,10 +127,10 @@ def run_status(directory: Path, record: dict[str, Any] | None = None,
                metrics: dict[str, Any] | None = None) -> str:
     """Classify a run directory as ``finished``, ``failed``, ``stopped`` or ``incomplete``.
 
-    A run is finished when its ``metrics.json`` says so; failed when its last
-    process exited with an error code; stopped when a checkpoint exists to
-    resume from; and incomplete otherwise (never started, or killed before
-    its first checkpoint).
+    A run is finished when its ``metrics.json`` has status ``finished``, failed
+    when its last process exited with an error code, and stopped when a
+    checkpoint exists to resume from. Otherwise it is incomplete: never
+    started, or killed before its first checkpoint.
     """
     record = read_record(directory) if record is None else record
     metrics = read_metrics(directory) if metrics is None else metrics
@@ -402,7 +402,7 @@ def plot_metric_bars(runs: Sequence[RunResult], order: Sequence[str], key: str, 
             axes.scatter([x] * len(values), values, color="black", s=10, zorder=3)
     axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
     axes.set_ylabel(title)
-    axes.set_title(f"{title}: mean over seeds with 95% interval, dots are seeds")
+    axes.set_title(f"{title}\nmean and 95% interval over seeds, dots are seeds", fontsize="medium")
     if len(groups) > 1:
         axes.legend(title="framework")
     figure.savefig(path, dpi=120)
@@ -451,6 +451,9 @@ def plot_hardness_curves(runs: Sequence[RunResult], order: Sequence[str], path: 
             drawn = True
     if not drawn:
         return False
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("training step")
     axes.set_ylabel("mean hardness q")
     axes.set_ylim(-0.05, 1.05)
@@ -480,6 +483,7 @@ def plot_fn_rate_against_hardness(runs: Sequence[RunResult], order: Sequence[str
         return False
     axes.set_xlabel("mean hardness q over training")
     axes.set_ylabel("mined false-negative rate (%)")
+    axes.set_ylim(bottom=0.0)
     axes.set_title("mined false negatives against hardness, one point per run")
     axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
@@ -516,6 +520,7 @@ def build_report(sweep_dir: Path, baseline: str | None = None) -> dict[str, Any]
     sweep = read_sweep_file(sweep_dir)
     baseline = baseline or sweep.get("baseline") or DEFAULT_BASELINE
     order = scheduler_order(runs, sweep)
+    runs.sort(key=lambda run: (run.framework, order.index(run.scheduler), run.seed))
 
     results = sweep_dir / "results.csv"
     write_results_csv(runs, results)

@@ -83,7 +83,7 @@ class SchedulerEntry:
 
 @dataclass
 class SweepSpec:
-    """What a sweep runs: every framework x scheduler x seed, with shared training options.
+    """The runs of a sweep, every framework x scheduler x seed, and their shared training options.
 
     :param schedulers: the scheduler entries.
     :param seeds: the seeds; runs with one seed share initialisation and data order.
@@ -407,7 +407,8 @@ def scheduler_config(spec: SweepSpec, framework: str, entry: SchedulerEntry) -> 
     for name in FIELDS_SET_BY_SWEEP:
         values.pop(name, None)
     merge_config(values, spec.train)
-    merge_config(values, {"steps": spec.steps, "epochs": spec.epochs} if spec.steps or spec.epochs else {})
+    budget = {"steps": spec.steps, "epochs": spec.epochs}
+    merge_config(values, {name: value for name, value in budget.items() if value is not None})
     merge_config(values, entry.train)
     values.update(framework=framework, scheduler=entry.name, scheduler_options=dict(entry.options), progress=False)
     return values
@@ -418,7 +419,7 @@ def run_name(framework: str, label: str, seed: int) -> str:
 
 
 def plan_runs(spec: SweepSpec, output: Path) -> list[PlannedRun]:
-    """List every run, seed by seed, so that a partial sweep already holds whole seeds for paired comparisons."""
+    """List every run, seed by seed, so that a partial sweep already contains whole seeds for paired comparisons."""
     runs = []
     for framework in spec.frameworks:
         configs = {entry.label: scheduler_config(spec, framework, entry) for entry in spec.schedulers}
@@ -485,8 +486,8 @@ class SweepStopped(Exception):
 def error_summary(log_path: Path) -> tuple[str, list[str]]:
     """Return a failed run's error line and the last lines of its log.
 
-    The error line is the last ``falcon-rl: error:`` line, else the last line of a
-    traceback, else the log's last line.
+    The error line is the message of the last ``falcon-rl: error:`` line, else the
+    log's last line (the exception line when a traceback ends the log).
     """
     try:
         lines = [line.rstrip() for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines()]
@@ -606,8 +607,10 @@ class SweepRunner:
             log.write(f"$ {shlex.join(command)}\n")
             log.flush()
             try:
+                # A session of its own keeps a terminal's Ctrl+C from reaching the run directly: the
+                # sweep passes one signal on, and a second SIGINT would stop the trainer without a checkpoint.
                 process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
-                                           stdin=subprocess.DEVNULL)
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
             except OSError as error:
                 log.write(f"sweep: error: could not start the run: {error}\n")
                 return 127
@@ -744,7 +747,7 @@ def command_sweep(args: argparse.Namespace, argv: Sequence[str]) -> int:
     threads = thread_count(spec, runs, args.jobs)
     logger.info("sweep of %d runs (%d frameworks x %d schedulers x %d seeds) in %s, %d at a time%s",
                 len(runs), len(spec.frameworks), len(spec.schedulers), len(spec.seeds), output, args.jobs,
-                f", {threads} threads each" if threads else "")
+                f", {threads} torch thread(s) per run" if threads else "")
 
     with SweepLock(output):
         write_plan(spec, runs, output, argv)

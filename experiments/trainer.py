@@ -4,10 +4,10 @@ The loop, top to bottom: the scheduler acts on the anchors' observations,
 the run builds the mined batch and takes an optimizer step, the scheduler
 observes the reward, then the trainer logs, evaluates and checkpoints.
 
-Fault tolerance: a checkpoint is written every ``checkpoint_every`` steps, at
-the end of the budget, and after the step during which SIGTERM or SIGINT
-arrived (then the run stops with exit code 143 or 130); a second signal stops
-at once, without a checkpoint. ``Trainer.train(resume=True)`` continues from
+Fault tolerance: a checkpoint is written every ``checkpoint_every`` steps and
+at the end of the budget. After SIGTERM or SIGINT the run finishes the current
+step, writes a checkpoint and stops with exit code 143 or 130. A second signal
+stops it at once, without a checkpoint. ``Trainer.train(resume=True)`` continues from
 the newest readable checkpoint. When too many consecutive steps are skipped
 for non-finite values, the run writes a checkpoint of its current state (its
 weights are those of the last finite update) and raises ``NonFiniteError``.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import tempfile
@@ -49,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 EXIT_SIGNALS = {signal.SIGTERM: 143, signal.SIGINT: 130}
 STOP_AFTER_STEP_VARIABLE = "FALCON_RL_STOP_AFTER_STEP"
+# Command-line spellings of the configuration fields whose option is not "--" plus the field name.
+OPTION_NAMES = {"scheduler_options": "--scheduler-opt", "model_options": "--model-opt", "progress": "--no-progress"}
 
 
 class Stopped(Exception):
@@ -104,31 +107,44 @@ class Trainer:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not resume:
             self._check_fresh_directory()
-        observation = self._resume() if resume else self._start()
-        # Written after a successful resume, so a rejected resume leaves the run directory as it was.
-        run_directory.write_config(self.directory, self.config)
-        run_directory.write_run_info(self.directory, str(self.run.device), self.argv)
-        # metrics.json marks a finished budget; an extended run is unfinished until it ends again.
-        (self.directory / "metrics.json").unlink(missing_ok=True)
-        self.logger = RunLogger(self.directory, self.config, purge_step=self.run.step_count)
         previous_handlers = self._install_signal_handlers()
         try:
-            self._loop(observation)
-            return self._finish()
+            observation = self._resume() if resume else self._start()
+            # Written after a successful resume, so a rejected resume leaves the run directory as it was.
+            run_directory.write_config(self.directory, self.config)
+            run_directory.write_run_info(self.directory, str(self.run.device), self.argv)
+            # metrics.json marks a finished budget; an extended run is unfinished until it ends again.
+            (self.directory / "metrics.json").unlink(missing_ok=True)
+            # A resumed run logs again from step N + 1, so TensorBoard drops the stopped session's events
+            # after its checkpoint at step N. Events up to step N, its evaluation included, stay.
+            self.logger = RunLogger(self.directory, self.config,
+                                    purge_step=self.run.step_count + 1 if resume else 0)
+            try:
+                if self._stop_signal is not None:  # the signal arrived during setup
+                    self.save_checkpoint()
+                    self._stop_if_signalled()
+                self._loop(observation)
+                return self._finish()
+            finally:
+                self.logger.close()
         finally:
             self._restore_signal_handlers(previous_handlers)
-            self.logger.close()
 
     # -- setup --------------------------------------------------------------
 
     def _check_fresh_directory(self) -> None:
         if ckpt.list_checkpoints(self.checkpoint_dir):
-            raise ConfigError(f"invalid value for output: {str(self.directory)!r} already holds checkpoints of "
+            raise ConfigError(f"invalid value for output: {str(self.directory)!r} already contains checkpoints of "
                               f"another run; continue it with --resume {self.directory} or choose another --output")
 
     def _start(self) -> np.ndarray:
         seed = self.config.seed
         self.scheduler.on_run_start(self.run.total_steps, seed)
+        # Seed Python's, NumPy's and torch's global generators (torch's on every CUDA device too), so that
+        # anything drawing from them repeats. The run seeds torch again when it builds the model.
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
         observation = self.run.reset(seed, uses_mining=self.scheduler.uses_mining)
         logger.info("training %s/%s with scheduler %s for %d steps (%d per epoch) on %s, %s",
                     self.config.framework, self.config.preset, self.config.scheduler, self.run.total_steps,
@@ -140,8 +156,8 @@ class Trainer:
         ckpt.check_compatible(payload["config"], self.config.to_dict(), path)
         run_state = ckpt.from_safe(payload["run"])
         if run_state["counters"]["step"] > self.run.total_steps:
-            raise ConfigError(f"invalid step budget: {self.run.total_steps} steps, but checkpoint {path} is at "
-                              f"step {run_state['counters']['step']}; give a larger --steps or --epochs")
+            raise ConfigError(f"the step budget ({self.run.total_steps} steps) is below step "
+                              f"{run_state['counters']['step']} of checkpoint {path}; give a larger --steps or --epochs")
 
         # NOTE: the scheduler keeps the step budget it was saved with (load restores it), so when
         # --steps or --epochs extends a run, budget-based schedules (SB3's progress_remaining,
@@ -174,7 +190,8 @@ class Trainer:
                 try:
                     result = run.step(hardness)
                 except NonFiniteError as error:
-                    self._after_step(error.result, action, bar)
+                    if error.result is not None:
+                        self._after_step(error.result, action, bar)
                     self._stop_for_nonfinite(error)
                 observation = result.observation
                 self._after_step(result, action, bar)
@@ -199,8 +216,8 @@ class Trainer:
 
     def _scheduler_view(self, observation: np.ndarray) -> np.ndarray:
         view = observation if self.scheduler.per_anchor else batch_observation(observation)
-        # The run's observations are finite and bounded by construction; this keeps that promise
-        # to the scheduler even if a feature computation regresses.
+        # The run's observations are finite and bounded by construction. This check keeps that
+        # promise to the scheduler even if a feature computation regresses.
         if not np.all(np.isfinite(view)):
             logger.warning("replacing %d non-finite observation values before the scheduler sees them",
                            int(np.size(view) - np.count_nonzero(np.isfinite(view))))
@@ -218,9 +235,10 @@ class Trainer:
         return 0.0
 
     def _record(self, info: dict[str, Any], observation: np.ndarray, action: Any) -> None:
-        entry = {"step": info["step"], "epoch": info["epoch"], "reward": info["reward"],
-                 "loss": info["losses"].get("total"), "mean_hardness": info["mean_hardness"],
-                 "mined_fn_rate": info["mined_fn_rate"], "updated": info["updated"]}
+        entry = {"step": info["step"], "epoch_end": info["epoch_end"], "batch_size": info["batch_size"],
+                 "reward": info["reward"], "loss": info["losses"].get("total"),
+                 "mean_hardness": info["mean_hardness"], "mined_fn_rate": info["mined_fn_rate"],
+                 "updated": info["updated"]}
         self.history.append(entry)
         self.logger.log_step(info, observation, self.scheduler)
 
@@ -246,11 +264,13 @@ class Trainer:
         due = self.config.checkpoint_every and step % self.config.checkpoint_every == 0
         if due or terminated or self._stop_signal is not None:
             self.save_checkpoint()
+        self._stop_if_signalled()
+
+    def _stop_if_signalled(self) -> None:
         if self._stop_signal is not None:
-            code = EXIT_SIGNALS[self._stop_signal]
             logger.warning("stopped by %s after step %d; resume with: falcon-rl train --resume %s",
-                           signal.Signals(self._stop_signal).name, step, self.directory)
-            raise Stopped(code)
+                           signal.Signals(self._stop_signal).name, self.run.step_count, self.directory)
+            raise Stopped(EXIT_SIGNALS[self._stop_signal])
 
     def save_checkpoint(self, prune: bool = True) -> Path:
         """Write ``checkpoints/step-N.pt`` atomically and, when ``prune``, delete all but the newest K."""
@@ -277,8 +297,8 @@ class Trainer:
     def _stop_for_nonfinite(self, error: NonFiniteError) -> NoReturn:
         """Checkpoint the run, whose weights are those of the last finite update, and stop.
 
-        Skipped steps change no weights, so the checkpoint holds the model of
-        the last update. The older checkpoints are kept (no pruning), in case
+        Skipped steps change no weights, so the checkpoint contains the model
+        of the last update. The older checkpoints are kept (no pruning), in case
         that update is what made later steps diverge.
         """
         last_update = max((entry["step"] for entry in self.history if entry["updated"]), default=0)
@@ -391,7 +411,7 @@ def resume_config(directory: Path, overrides: dict[str, Any]) -> TrainConfig:
     allowed = {"steps", "epochs", "device", "progress"}
     rejected = sorted(set(overrides) - allowed)
     if rejected:
-        options = ", ".join("--" + name.replace("_", "-") for name in rejected)
+        options = ", ".join(OPTION_NAMES.get(name, "--" + name.replace("_", "-")) for name in rejected)
         raise ConfigError(f"{options} cannot be combined with --resume (only --steps, --epochs and --device "
                           "may change when resuming)")
     if not (directory / "config.yaml").is_file():

@@ -44,7 +44,7 @@ class TrainConfig:
                                           "(default: the annotation folder).")
 
     # Model
-    framework: str = _field("albef", "VLP framework that is trained.", ("albef",))
+    framework: str = _field("albef", "VLP framework that is trained.", ("albef", "blip2", "siglip"))
     preset: str = _field("tiny", "Model size preset: 'tiny' (CPU), 'base' (ViT-B/16 + BERT-base), "
                                  "'test' (the smallest, for the test suite).", ("tiny", "base", "test"))
     model_options: dict = _field({}, "Overrides of the preset's model fields (YAML mapping).")
@@ -53,8 +53,9 @@ class TrainConfig:
     scheduler: str = _field("ppo", "Negative-mining scheduler: a built-in name, 'policy:PATH', "
                                    "'module:Class' or 'path/to/file.py:Class'.")
     scheduler_options: dict = _field({}, "Options passed to the scheduler's constructor.")
-    reward: str = _field("mlm_gain", "Reward proxy: the loss on the batch before the update minus after it.",
-                         ("mlm_gain", "itc_gain", "itm_gain"))
+    reward: str = _field("auto", "Reward proxy: a loss on the batch before the update minus after it. 'auto' "
+                                 "is the framework's default: mlm_gain (ALBEF), itg_gain (BLIP-2), itc_gain "
+                                 "(SigLIP).", ("auto", "mlm_gain", "itc_gain", "itm_gain", "itg_gain"))
     action_space: str = _field("discrete", "Hardness actions: discrete levels or a continuous value in [0, 1].",
                                ("discrete", "continuous"))
     n_levels: int = _field(11, "Number of evenly spaced hardness levels of the discrete action space.")
@@ -131,6 +132,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "itm_rerank", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"invalid value for {name}: {getattr(self, name)!r} (must not be negative)")
+        if self.reward == "auto":
+            self.reward = DEFAULT_REWARDS[self.framework]
         if self.scheduler == "mafa-filter" and self.fn_filter is None:
             self.fn_filter = f"itm:{MAFA_DEFAULT_THRESHOLD}"
         if self.fn_filter is not None:
@@ -183,6 +186,7 @@ class TrainConfig:
 
 DEFAULT_STEPS = 250
 MAFA_DEFAULT_THRESHOLD = 0.5
+DEFAULT_REWARDS = {"albef": "mlm_gain", "blip2": "itg_gain", "siglip": "itc_gain"}
 
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:

@@ -31,6 +31,9 @@ from falcon_rl.mining import (
     levels,
     make_observation,
 )
+from falcon_rl.mining.approximate import ApproximateIndex
+from falcon_rl.mining.positives import same_group_entries
+from falcon_rl.mining.prefetch import BackgroundSearch
 from falcon_rl.mining.search import cross_modal_keys, cross_modal_queries
 
 DIM = 16
@@ -134,7 +137,48 @@ def test_bank_state_dict_round_trip() -> None:
     assert torch.equal(restored.text, bank.text)
 
 
+def test_bank_update_replaces_nonfinite_with_zero() -> None:
+    bank = EmbeddingBank(4, DIM)
+    image = torch.full((1, DIM), float("nan"))
+    text = torch.full((1, DIM), float("inf"))
+    bank.update([2], image, text)
+    assert bank.embeddings[2].eq(0).all()
+
+
+def test_bank_update_float16_overflow_becomes_zero() -> None:
+    bank = EmbeddingBank(4, DIM, dtype=torch.float16)
+    bank.update([1], torch.full((1, DIM), 1e6), torch.ones(1, DIM))
+    assert bank.image[1].eq(0).all()
+
+
+def test_bank_update_advances_row_version() -> None:
+    bank = make_bank(10)
+    before = bank.row_version.copy()
+    bank.update([4], torch.ones(1, DIM), torch.ones(1, DIM))
+    assert bank.row_version[4] > before[4]
+    assert np.array_equal(np.delete(bank.row_version, 4), np.delete(before, 4))
+
+
+def test_bank_keys_float32_from_float16() -> None:
+    bank = EmbeddingBank(6, DIM, dtype=torch.float16)
+    bank.fill(torch.ones(6, DIM), -torch.ones(6, DIM))
+    keys = bank.keys([0, 5])
+    assert keys.dtype == torch.float32
+    assert keys.shape == (2, 2 * DIM)
+    assert keys[:, DIM:].eq(-1).all()
+
+
 # ---- search -------------------------------------------------------------------
+
+
+def test_same_group_entries_match_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    query_groups = rng.integers(0, 6, 9)
+    key_groups = rng.integers(-1, 6, 40)
+    rows, columns = same_group_entries(query_groups, key_groups)
+    expected = set(zip(*np.nonzero(query_groups[:, None] == key_groups[None, :])))
+    assert set(zip(rows.tolist(), columns.tolist())) == {(int(r), int(c)) for r, c in expected}
+    assert rows.size == len(expected)
 
 
 def test_search_concatenation_gives_twice_similarity() -> None:
@@ -167,6 +211,69 @@ def test_search_pads_when_few_keys() -> None:
     positions, sims = CandidateSearch("faiss").search(queries, groups[:1], keys, groups[:8], 6)
     assert list(positions[0, 3:]) == [-1, -1, -1]
     assert np.all(np.isneginf(sims[0, 3:]))
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_search_pool_cache_follows_pool_and_rewrites(backend: str) -> None:
+    n_pairs = 300
+    bank = make_bank(n_pairs)
+    groups = make_image_ids(n_pairs)
+    search = CandidateSearch(backend)
+    queries = cross_modal_queries(*bank.vectors(np.arange(5)))
+    rng = np.random.default_rng(0)
+    for step in range(4):
+        pool = np.sort(rng.choice(np.arange(5, n_pairs), 120, replace=False))
+        if step == 2:
+            # Rewrite a pooled row: the cache must pick up the new embedding.
+            bank.update(pool[:1], *bank.vectors(np.array([0])))
+            queries = cross_modal_queries(*bank.vectors(np.arange(5)))
+        found = search.search_pool(queries, groups[:5], pool, groups, bank, 7)
+        for row in range(5):
+            others = pool[groups[pool] != groups[row]]
+            brute = others[np.argsort(-similarity(bank, row, others), kind="stable")[:7]]
+            np.testing.assert_array_equal(found.pairs[row], brute)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_index_recall(kind: str) -> None:
+    n_pairs = 2000
+    bank = make_bank(n_pairs, noise=1.0)
+    groups = make_image_ids(n_pairs)
+    exact = CandidateSearch("torch")
+    approximate = CandidateSearch("faiss", index=kind, index_options={"nprobe": 16} if kind == "ivf" else None)
+    queries = cross_modal_queries(*bank.vectors(np.arange(20)))
+    hits = total = 0
+    for start in (20, 120, 220):
+        pool = np.arange(start, start + 1600)
+        truth = exact.search_pool(queries, groups[:20], pool, groups, bank, 10).pairs
+        found = approximate.search_pool(queries, groups[:20], pool, groups, bank, 10).pairs
+        hits += sum(len(set(t) & set(f)) for t, f in zip(truth.tolist(), found.tolist()))
+        total += truth.size
+    assert hits / total >= 0.7
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_builder_approximate_places_each_pair_once(kind: str) -> None:
+    n_pairs = 400
+    bank = make_bank(n_pairs)
+    builder = BatchBuilder(make_image_ids(n_pairs), 16, 120, 6, seed=1, index=kind)
+    placed = np.concatenate([batch.pair_indices for _, batch in run_epoch(builder, bank)])
+    assert np.array_equal(np.sort(placed), np.arange(n_pairs))
+
+
+def test_candidate_search_rejects_unknown_index() -> None:
+    with pytest.raises(MiningError):
+        CandidateSearch("faiss", index="pq")
+
+
+def test_candidate_search_rejects_torch_with_approximate_index() -> None:
+    with pytest.raises(MiningError):
+        CandidateSearch("torch", index="hnsw")
+
+
+def test_approximate_index_rejects_bad_nprobe() -> None:
+    with pytest.raises(MiningError):
+        ApproximateIndex("ivf", nprobe=0)
 
 
 # ---- batch builder: epoch coverage --------------------------------------------
@@ -384,9 +491,11 @@ def test_observation_names_match_bounds() -> None:
 def test_observation_finite_for_nonfinite_embeddings() -> None:
     n_pairs = 60
     bank = make_bank(n_pairs)
-    bank.image[::3] = float("nan")
-    bank.text[1::4] = float("inf")
-    bank.text[2::5] = -1e30
+    image, text = bank.vectors(np.arange(n_pairs))
+    image[::3] = float("nan")
+    text[1::4] = float("inf")
+    text[2::5] = -1e30
+    bank.update(np.arange(n_pairs), image, text)
     builder = BatchBuilder(make_image_ids(n_pairs), 8, search_space=24, top_k=6, seed=0)
     proposal = builder.propose(bank)
     observation = make_observation(proposal.features, float("nan"), np.array([float("inf"), float("-inf")]))
@@ -508,3 +617,75 @@ def test_encode_sentences_cache(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("sentence_embeddings_*.npy"))) == 1
     np.testing.assert_array_equal(cached, embeddings)
     assert embeddings[5] @ embeddings[6] > embeddings[5] @ embeddings[4]
+
+
+# ---- background search ----------------------------------------------------------
+
+
+def run_steps(background: bool, backend: str, n_steps: int = 7) -> list[tuple[np.ndarray, ...]]:
+    """Steps of the trainer protocol with random bank updates; return each step's proposal and batch."""
+    n_pairs = 40
+    bank = make_bank(n_pairs, seed=3)
+    builder = BatchBuilder(make_image_ids(n_pairs), 16, search_space=24, top_k=5, seed=2, backend=backend)
+    rng = np.random.default_rng(4)
+    generator = torch.Generator().manual_seed(5)
+    records = []
+    proposal = builder.propose(bank)
+    with BackgroundSearch(builder) as search:
+        for _ in range(n_steps):
+            batch = builder.select(proposal, rng.uniform(0.0, 1.0, proposal.anchors.size))
+            records.append((proposal.candidates, proposal.features, batch.pair_indices, batch.negatives))
+            if background:
+                search.submit(bank)
+            else:
+                next_proposal = builder.propose(bank)
+
+            # The training step's new embeddings of the batch's pairs.
+            shape = (batch.pair_indices.size, DIM)
+            image = torch.nn.functional.normalize(torch.randn(shape, generator=generator), dim=1)
+            text = torch.nn.functional.normalize(torch.randn(shape, generator=generator), dim=1)
+            if background:
+                next_proposal = search.result()
+            bank.update(batch.pair_indices, image, text)
+            proposal = next_proposal
+    return records
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_background_search_equals_inline(backend: str) -> None:
+    inline = run_steps(background=False, backend=backend)
+    background = run_steps(background=True, backend=backend)
+    assert len(inline) == len(background)
+    for step, (expected, actual) in enumerate(zip(inline, background)):
+        for name, want, got in zip(("candidates", "features", "pair_indices", "negatives"), expected, actual):
+            assert np.array_equal(want, got), f"step {step}: {name} differs"
+
+
+def test_background_search_crosses_epoch_boundary() -> None:
+    records = run_steps(background=True, backend="faiss")
+    placed = np.concatenate([record[2] for record in records[:3]])
+    assert np.array_equal(np.sort(placed), np.arange(40))
+
+
+def test_background_search_rejects_double_submit() -> None:
+    bank = make_bank(40)
+    builder = BatchBuilder(make_image_ids(40), 8, search_space=20, top_k=4, seed=0)
+    with BackgroundSearch(builder) as search:
+        search.submit(bank)
+        with pytest.raises(MiningError):
+            search.submit(bank)
+        search.result()
+
+
+def test_background_search_result_requires_submit() -> None:
+    builder = BatchBuilder(make_image_ids(40), 8, search_space=20, top_k=4, seed=0)
+    with BackgroundSearch(builder) as search, pytest.raises(MiningError):
+        search.result()
+
+
+def test_background_search_reraises_worker_error() -> None:
+    builder = BatchBuilder(make_image_ids(40), 8, search_space=20, top_k=4, seed=0)
+    with BackgroundSearch(builder) as search:
+        search.submit(make_bank(30))
+        with pytest.raises(MiningError):
+            search.result()

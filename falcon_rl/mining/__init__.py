@@ -11,6 +11,7 @@ from falcon_rl.mining.false_negatives import (
     encode_sentences,
 )
 from falcon_rl.mining.hardness import action_to_hardness, hardness_to_rank, levels
+from falcon_rl.mining.prefetch import BackgroundSearch
 from falcon_rl.mining.observation import (
     FEATURE_NAMES,
     OBS_HIGH,
@@ -20,15 +21,17 @@ from falcon_rl.mining.observation import (
     make_observation,
     similarity_features,
 )
-from falcon_rl.mining.search import CandidateSearch
+from falcon_rl.mining.search import INDEXES, CandidateSearch
 from falcon_rl.mining.selection import choose_negatives, choose_negatives_reference
 
 __all__ = [
     "FEATURE_NAMES",
+    "INDEXES",
     "LABEL_NAMES",
     "OBS_HIGH",
     "OBS_LOW",
     "SIMILARITY_FEATURE_NAMES",
+    "BackgroundSearch",
     "BatchBuilder",
     "CandidateSearch",
     "EmbeddingBank",

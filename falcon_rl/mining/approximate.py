@@ -105,14 +105,16 @@ class ApproximateIndex:
         groups: np.ndarray,
         bank: EmbeddingBank,
         k: int,
-    ) -> np.ndarray:
-        """Return about the ``k`` nearest pool pairs of other groups per query (-1 pads).
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return about the ``k`` nearest pool pairs of other groups per query, with similarities.
 
         Parameters are those of :meth:`CandidateSearch.search_pool`.
         """
         n_queries = int(queries.shape[0])
+        pairs = np.full((n_queries, k), -1, dtype=np.int64)
+        similarities = np.full((n_queries, k), -np.inf, dtype=np.float32)
         if n_queries == 0 or k == 0 or pool.size == 0:
-            return np.full((n_queries, k), -1, dtype=np.int64)
+            return pairs, similarities
         if bank.device.type != "cpu":
             raise MiningError(f"approximate index {self.kind!r} runs on the CPU; the bank is on {bank.device}")
         self._sync(np.sort(pool), bank)
@@ -122,8 +124,11 @@ class ApproximateIndex:
         scores, found = self._index.search(query_array, n_results, params=self._search_parameters())
         if self.kind == "hnsw":
             found = np.where(found >= 0, self._slot_pairs[np.clip(found, 0, None)], -1)
-        found, _ = drop_same_group(found, scores, query_groups, groups[np.clip(found, 0, None)], k)
-        return found
+        found, scores = drop_same_group(found, scores, query_groups, groups[np.clip(found, 0, None)], k)
+        width = found.shape[1]
+        pairs[:, :width] = found
+        similarities[:, :width] = np.where(found >= 0, scores / 2.0, -np.inf)
+        return pairs, similarities
 
     # ---- keeping the index in step with the pool -------------------------
 

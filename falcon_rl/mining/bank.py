@@ -118,7 +118,14 @@ class EmbeddingBank:
 
     def keys(self, pair_indices: IndexLike) -> torch.Tensor:
         """Return float32 candidate keys ``[img, txt]`` of the given pairs, ``[n, 2d]``, as stored."""
-        return self.embeddings[self._as_index(pair_indices)].float()
+        index = self._as_index(pair_indices)
+        if self.device.type == "cpu" and self.dtype != torch.bfloat16:
+            # NumPy's take gathers rows several times faster than torch indexing
+            # on the CPU (measured with torch 2.13), and NumPy has no bfloat16.
+            rows = torch.from_numpy(np.take(self.embeddings.numpy(), index.numpy(), axis=0))
+        else:
+            rows = self.embeddings.index_select(0, index)
+        return rows.float()
 
     def vectors(self, pair_indices: IndexLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Return float32 image and text rows of the given pairs, non-finite values set to 0."""

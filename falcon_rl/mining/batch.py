@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 
 @dataclass
@@ -39,11 +38,13 @@ class Proposal:
     n_negatives: int
     epoch: int
     batch_index: int
-    # The search space without the anchors, kept for the nearest-free-pair
-    # fallback when an anchor's candidates are all taken.
-    search_pool: np.ndarray = field(repr=False)
-    search_pool_keys: torch.Tensor = field(repr=False)
-    anchor_queries: torch.Tensor = field(repr=False)
+    # Search-space pairs per anchor that include its K + A nearest (int64
+    # [A, R], -1 pads; the whole pool when the search computed all scores) and
+    # their similarities (float32, -inf where not eligible). An exhausted
+    # anchor's fallback is the most similar of them that is neither its
+    # candidate nor taken.
+    reserve: np.ndarray = field(repr=False)
+    reserve_sims: np.ndarray = field(repr=False)
 
     @property
     def valid(self) -> np.ndarray:

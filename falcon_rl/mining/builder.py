@@ -23,12 +23,7 @@ from falcon_rl.mining.bank import EmbeddingBank
 from falcon_rl.mining.batch import MinedBatch, Proposal
 from falcon_rl.mining.errors import MiningError
 from falcon_rl.mining.observation import similarity_features
-from falcon_rl.mining.search import (
-    CandidateSearch,
-    cross_modal_keys,
-    cross_modal_queries,
-    directional_similarities,
-)
+from falcon_rl.mining.search import CandidateSearch, directional_similarities, queries_from_keys
 from falcon_rl.mining.selection import Selection, choose_negatives, choose_negatives_reference
 
 logger = logging.getLogger(__name__)
@@ -55,6 +50,12 @@ class BatchBuilder:
     :param seed: seed of the epoch orders and of the random fallbacks.
     :param backend: candidate search backend, ``"faiss"`` or ``"torch"``.
     :param block_size: keys per matrix product of the torch backend.
+    :param index: ``"flat"`` (exact search, the default), ``"ivf"`` or
+        ``"hnsw"`` (approximate FAISS indexes kept across batches, for large
+        search spaces; CPU only, backend ``"faiss"``). The search beyond the
+        search space always uses the exact search.
+    :param index_options: options of the approximate index (see
+        :class:`~falcon_rl.mining.approximate.ApproximateIndex`).
     """
 
     def __init__(
@@ -66,6 +67,8 @@ class BatchBuilder:
         seed: int,
         backend: str = "faiss",
         block_size: int = 65536,
+        index: str = "flat",
+        index_options: dict | None = None,
     ) -> None:
         image_ids = np.asarray(image_ids)
         if image_ids.ndim != 1 or image_ids.size == 0 or not np.issubdtype(image_ids.dtype, np.integer):
@@ -81,7 +84,10 @@ class BatchBuilder:
         self.search_space = int(search_space)
         self.top_k = int(top_k)
         self.seed = int(seed)
-        self._search = CandidateSearch(backend, block_size)
+        self._search = CandidateSearch(backend, block_size, index, index_options)
+        # The search beyond the search space is rare and moves on every call,
+        # so it runs exactly, without the caches of the main search.
+        self._exact_search = CandidateSearch(backend, block_size)
         self._fallback_sims: dict[int, float] = {}
         self._start_epoch(0)
 
@@ -166,6 +172,10 @@ class BatchBuilder:
         stays that of two search spaces), then random eligible unplaced
         pairs; ``Proposal.fallbacks`` counts the slots filled each way.
 
+        The proposal reads only rows of unplaced pairs, and its result depends
+        only on the bank and the builder's position, so it may run in another
+        thread (see :mod:`falcon_rl.mining.prefetch`).
+
         :param bank: embeddings of all N pairs, as they stand now.
         """
         if bank.n_pairs != self.n_pairs:
@@ -174,13 +184,18 @@ class BatchBuilder:
 
         window = self._unplaced(max(self.search_space, n_anchors))
         anchors = window[:n_anchors]
-        space = window[: self.search_space]
-        pool = space[~np.isin(space, anchors)]
+        pool = window[n_anchors : self.search_space]
+        anchor_keys = bank.keys(anchors)
+        queries = queries_from_keys(anchor_keys)
 
-        anchor_image, anchor_text = bank.vectors(anchors)
-        queries = cross_modal_queries(anchor_image, anchor_text)
-        pool_keys = cross_modal_keys(*bank.vectors(pool))
-        candidates = self._search_pool(queries, anchors, pool, pool_keys)
+        # The nearest K pool pairs are the candidates. The reserve holds at
+        # least the K + A nearest, which always contain the nearest pair that
+        # is neither a candidate nor taken by one of the other A - 1 anchors:
+        # the exhausted-anchor fallback of select().
+        found = self._search.search_pool(
+            queries, self.image_ids[anchors], pool, self.image_ids, bank, self.top_k, n_reserve=n_anchors
+        )
+        candidates = found.pairs
 
         fallbacks = {"beyond_search_space": 0, "random": 0}
         if (candidates < 0).any():
@@ -193,18 +208,8 @@ class BatchBuilder:
             candidates, fallbacks["random"] = self._fill_at_random(candidates, anchors)
 
         return self._make_proposal(
-            bank, anchors, candidates, anchor_image, anchor_text, queries, pool, pool_keys, fallbacks, n_negatives
+            bank, anchors, anchor_keys, candidates, (found.reserve_pairs, found.reserve_sims), fallbacks, n_negatives
         )
-
-    def _search_pool(
-        self, queries: torch.Tensor, anchors: np.ndarray, pool: np.ndarray, pool_keys: torch.Tensor
-    ) -> np.ndarray:
-        positions, _ = self._search.search(
-            queries, self.image_ids[anchors], pool_keys, self.image_ids[pool], self.top_k
-        )
-        if pool.size == 0:
-            return positions
-        return np.where(positions >= 0, pool[np.clip(positions, 0, None)], -1)
 
     def _fill_from_beyond(
         self,
@@ -218,7 +223,10 @@ class BatchBuilder:
         if beyond.size == 0 or rows.size == 0:
             return candidates, 0
 
-        extra = self._search_pool(queries[rows], anchors[rows], beyond, cross_modal_keys(*bank.vectors(beyond)))
+        positions, _ = self._exact_search.search(
+            queries[rows], self.image_ids[anchors[rows]], bank.keys(beyond), self.image_ids[beyond], self.top_k
+        )
+        extra = np.where(positions >= 0, beyond[np.clip(positions, 0, None)], -1)
         needed = (candidates[rows] < 0).sum(axis=1)
         keep = (np.arange(self.top_k)[None, :] < needed[:, None]) & (extra >= 0)
         merged = np.concatenate([candidates[rows], np.where(keep, extra, -1)], axis=1)
@@ -251,20 +259,17 @@ class BatchBuilder:
         self,
         bank: EmbeddingBank,
         anchors: np.ndarray,
+        anchor_keys: torch.Tensor,
         candidates: np.ndarray,
-        anchor_image: torch.Tensor,
-        anchor_text: torch.Tensor,
-        queries: torch.Tensor,
-        pool: np.ndarray,
-        pool_keys: torch.Tensor,
+        reserve: tuple[np.ndarray, np.ndarray],
         fallbacks: dict[str, int],
         n_negatives: int,
     ) -> Proposal:
         valid = candidates >= 0
-        candidate_image, candidate_text = bank.vectors(np.clip(candidates, 0, None).reshape(-1))
-        shape = (*candidates.shape, bank.dim)
+        dim = bank.dim
+        candidate_keys = bank.keys(np.clip(candidates, 0, None).reshape(-1)).reshape(*candidates.shape, 2 * dim)
         i2t, t2i, positive = directional_similarities(
-            anchor_image, anchor_text, candidate_image.reshape(shape), candidate_text.reshape(shape)
+            anchor_keys[:, :dim], anchor_keys[:, dim:], candidate_keys[..., :dim], candidate_keys[..., dim:]
         )
         i2t, t2i, positive = (_finite(x.cpu().numpy()) for x in (i2t, t2i, positive))
         i2t[~valid] = 0.0
@@ -288,9 +293,8 @@ class BatchBuilder:
             n_negatives=n_negatives,
             epoch=self.epoch,
             batch_index=self.batch_index,
-            search_pool=pool,
-            search_pool_keys=pool_keys,
-            anchor_queries=queries,
+            reserve=reserve[0],
+            reserve_sims=reserve[1],
         )
 
     # ---- selection ---------------------------------------------------------
@@ -355,17 +359,17 @@ class BatchBuilder:
 
     def _fallback_negative(self, proposal: Proposal, slot: int, taken: np.ndarray) -> int:
         """Return the nearest free search-space pair outside the anchor's candidates, else a random one."""
+        reserve = proposal.reserve[slot]
+        sims = proposal.reserve_sims[slot]
+        free = np.isfinite(sims) & (reserve >= 0)
+        free &= ~np.isin(reserve, taken) & ~np.isin(reserve, proposal.candidates[slot])
+        if free.any():
+            best = int(np.argmax(np.where(free, sims, -np.inf)))
+            self._fallback_sims[slot] = float(sims[best])
+            return int(reserve[best])
+
         anchor_group = self.image_ids[proposal.anchors[slot]]
         blocked = np.concatenate([taken, proposal.candidates[slot], proposal.anchors])
-        pool = proposal.search_pool
-        free = ~np.isin(pool, blocked) & (self.image_ids[pool] != anchor_group)
-        if free.any():
-            keys = proposal.search_pool_keys[torch.as_tensor(free, device=proposal.search_pool_keys.device)]
-            scores = (keys @ proposal.anchor_queries[slot]).cpu().numpy()
-            best = int(np.argmax(scores))
-            self._fallback_sims[slot] = float(scores[best]) / 2.0
-            return int(pool[free][best])
-
         unplaced = self._unplaced(self.n_remaining)
         eligible = unplaced[~np.isin(unplaced, blocked) & (self.image_ids[unplaced] != anchor_group)]
         if eligible.size == 0:

@@ -14,6 +14,22 @@ def same_group_counts(query_groups: np.ndarray, key_groups: np.ndarray) -> np.nd
     return np.where(groups[slot] == query_groups, group_sizes[slot], 0)
 
 
+def same_group_entries(query_groups: np.ndarray, key_groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the (query, key) index pairs whose groups are equal, as two int64 arrays."""
+    order = np.argsort(key_groups, kind="stable")
+    sorted_groups = key_groups[order]
+    first = np.searchsorted(sorted_groups, query_groups, side="left")
+    counts = np.searchsorted(sorted_groups, query_groups, side="right") - first
+    total = int(counts.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+
+    rows = np.repeat(np.arange(len(query_groups)), counts)
+    # Position of each entry within its query's run of equal groups.
+    offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, order[np.repeat(first, counts) + offsets]
+
+
 def drop_same_group(
     found: np.ndarray, scores: np.ndarray, query_groups: np.ndarray, found_groups: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:

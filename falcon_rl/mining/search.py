@@ -26,6 +26,7 @@ trades exactness for speed when the search space is large.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -34,7 +35,8 @@ import torch
 from falcon_rl.mining.approximate import APPROXIMATE_INDEXES, ApproximateIndex
 from falcon_rl.mining.bank import EmbeddingBank
 from falcon_rl.mining.errors import MiningError
-from falcon_rl.mining.positives import drop_same_group, same_group_counts
+from falcon_rl.mining.key_cache import KeyCache
+from falcon_rl.mining.positives import drop_same_group, same_group_counts, same_group_entries
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +75,10 @@ def directional_similarities(
     :return: ``i2t`` = <img_a, txt_c> ``[A, K]``, ``t2i`` = <txt_a, img_c>
         ``[A, K]`` and ``positive`` = <img_a, txt_a> ``[A]``.
     """
-    i2t = torch.bmm(candidate_text, anchor_image.unsqueeze(2)).squeeze(2)
-    t2i = torch.bmm(candidate_image, anchor_text.unsqueeze(2)).squeeze(2)
+    # Element-wise products: batched matrix products of these shapes are
+    # slow on the CPU (torch 2.13), and the arrays are small.
+    i2t = (candidate_text * anchor_image.unsqueeze(1)).sum(dim=2)
+    t2i = (candidate_image * anchor_text.unsqueeze(1)).sum(dim=2)
     positive = (anchor_image * anchor_text).sum(dim=1)
     return i2t, t2i, positive
 
@@ -113,10 +117,12 @@ class CandidateSearch:
         self.block_size = int(block_size)
         self.index = index
         self.approximate = ApproximateIndex(index, **(index_options or {})) if index != "flat" else None
+        self._cache = KeyCache()
         self._gpu_resources = None
 
     def reset(self) -> None:
-        """Drop the persistent approximate index (it is rebuilt by the next search)."""
+        """Drop the cached keys and the approximate index (the next search rebuilds them)."""
+        self._cache = KeyCache()
         if self.approximate is not None:
             self.approximate.reset()
 
@@ -128,8 +134,13 @@ class CandidateSearch:
         groups: np.ndarray,
         bank: EmbeddingBank,
         k: int,
-    ) -> tuple[np.ndarray, torch.Tensor | None]:
-        """Return, per query, the pair indices of its ``k`` nearest pool pairs of other groups.
+        n_reserve: int = 0,
+    ) -> PoolSearch:
+        """Return, per query, its ``k`` nearest pool pairs of other groups and a reserve beyond them.
+
+        The flat index keeps the pool's keys across calls (see
+        :class:`~falcon_rl.mining.key_cache.KeyCache`), so consecutive calls
+        with overlapping pools gather only the rows they lack.
 
         :param queries: float32 queries ``[A, 2d]`` from :func:`cross_modal_queries`.
         :param query_groups: int64 group (image_id) of each query ``[A]``.
@@ -137,19 +148,34 @@ class CandidateSearch:
         :param groups: int64 group of every pair of the bank ``[N]``.
         :param bank: the embeddings of all pairs.
         :param k: number of results per query.
-        :return: ``candidates`` int64 ``[A, k]`` pair indices sorted by
-            similarity (-1 pads), and the pool's keys ``[P, 2d]`` that the
-            flat index gathered (None for the approximate indexes, which do
-            not gather the whole pool).
+        :param n_reserve: the reserve holds at least the ``k + n_reserve`` nearest pairs.
         """
         if self.approximate is not None:
-            return self.approximate.search(queries, query_groups, pool, groups, bank, k), None
+            pairs, similarities = self.approximate.search(
+                queries, query_groups, pool, groups, bank, k + n_reserve
+            )
+            return PoolSearch(pairs[:, :k], similarities[:, :k], pairs, similarities)
 
-        keys = bank.keys(pool)
-        positions, _ = self.search(queries, query_groups, keys, groups[pool], k)
-        if pool.size == 0:
-            return positions, keys
-        return np.where(positions >= 0, pool[np.clip(positions, 0, None)], -1), keys
+        cache = self._cache
+        cache.sync(pool, bank)
+        occupied = cache.occupied
+        slot_pairs = cache.slot_pairs.copy()
+        slot_groups = np.where(occupied, groups[np.clip(slot_pairs, 0, None)], -1)
+
+        if self.backend == "torch" and 0 < slot_pairs.size <= self.block_size:
+            # One block: the masked score matrix is at hand, so it serves as the
+            # reserve, and only the k best need a top-k.
+            scores = self._masked_scores(queries, query_groups, cache.keys, slot_groups, occupied)
+            slots, similarities = self._top_k(scores, k)
+            reserve_sims = scores.mul_(0.5).cpu().numpy()
+            reserve_pairs = np.broadcast_to(slot_pairs, reserve_sims.shape)
+            return PoolSearch(_pairs_of(slots, slot_pairs), similarities, reserve_pairs, reserve_sims)
+
+        slots, similarities = self.search(
+            queries, query_groups, cache.keys, slot_groups, k + n_reserve, key_mask=occupied
+        )
+        reserve_pairs = _pairs_of(slots, slot_pairs)
+        return PoolSearch(reserve_pairs[:, :k], similarities[:, :k], reserve_pairs, similarities)
 
     def search(
         self,
@@ -158,6 +184,7 @@ class CandidateSearch:
         keys: torch.Tensor,
         key_groups: np.ndarray,
         k: int,
+        key_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return, per query, the ``k`` keys of other groups with the largest similarity (exact).
 
@@ -166,6 +193,7 @@ class CandidateSearch:
         :param keys: float32 keys ``[P, 2d]`` from :func:`cross_modal_keys`.
         :param key_groups: int64 group of each key ``[P]``.
         :param k: number of results per query.
+        :param key_mask: optional bool ``[P]``; False keys are never returned.
         :return: ``positions`` int64 ``[A, k]`` (rows of ``keys``, -1 pads) and
             ``similarities`` float32 ``[A, k]`` (s = inner product / 2, -inf pads),
             sorted by similarity in descending order.
@@ -176,10 +204,12 @@ class CandidateSearch:
         if n_queries == 0 or k == 0 or keys.shape[0] == 0:
             return positions, similarities
 
+        if key_mask is None:
+            key_mask = np.ones(int(keys.shape[0]), dtype=bool)
         if self.backend == "faiss":
-            found, scores = self._search_faiss(queries, query_groups, keys, key_groups, k)
+            found, scores = self._search_faiss(queries, query_groups, keys, key_groups, k, key_mask)
         else:
-            found, scores = self._search_torch(queries, query_groups, keys, key_groups, k)
+            found, scores = self._search_torch(queries, query_groups, keys, key_groups, k, key_mask)
         width = found.shape[1]
         positions[:, :width] = found
         similarities[:, :width] = np.where(found >= 0, scores / 2.0, -np.inf)
@@ -192,10 +222,13 @@ class CandidateSearch:
         keys: torch.Tensor,
         key_groups: np.ndarray,
         k: int,
+        key_mask: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         # Ask for as many extra results as the most same-group keys any query
-        # has, so that k remain after dropping them.
-        n_results = min(k + int(same_group_counts(query_groups, key_groups).max()), int(keys.shape[0]))
+        # has, plus the masked keys, so that k remain after dropping them.
+        n_masked = int((~key_mask).sum())
+        n_same = int(same_group_counts(query_groups, key_groups[key_mask]).max())
+        n_results = min(k + n_same + n_masked, int(keys.shape[0]))
         query_array = np.ascontiguousarray(queries.detach().float().cpu().numpy())
         key_array = np.ascontiguousarray(keys.detach().float().cpu().numpy())
 
@@ -208,6 +241,7 @@ class CandidateSearch:
                                           metric=faiss.METRIC_INNER_PRODUCT)
         else:
             scores, found = faiss.knn(query_array, key_array, n_results, metric=faiss.METRIC_INNER_PRODUCT)
+        found = np.where(key_mask[np.clip(found, 0, None)], found, -1)
         return drop_same_group(found, scores, query_groups, key_groups[np.clip(found, 0, None)], k)
 
     def _search_torch(
@@ -217,24 +251,21 @@ class CandidateSearch:
         keys: torch.Tensor,
         key_groups: np.ndarray,
         k: int,
+        key_mask: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
-        device = keys.device
-        queries = queries.to(device=device, dtype=torch.float32)
-        query_groups_t = torch.as_tensor(query_groups, device=device)
-        key_groups_t = torch.as_tensor(key_groups, device=device)
-        best_scores = torch.empty(queries.shape[0], 0, device=device)
-        best_positions = torch.empty(queries.shape[0], 0, dtype=torch.int64, device=device)
-
+        best_scores = best_positions = None
         for start in range(0, int(keys.shape[0]), self.block_size):
-            block = keys[start : start + self.block_size].to(torch.float32)
-            block_groups = key_groups_t[start : start + block.shape[0]]
-            scores = queries @ block.T
-            scores.masked_fill_(query_groups_t[:, None] == block_groups[None, :], -torch.inf)
+            end = min(start + self.block_size, int(keys.shape[0]))
+            scores = self._masked_scores(
+                queries, query_groups, keys[start:end], key_groups[start:end], key_mask[start:end]
+            )
             block_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
-            block_positions = top + start
+            if best_scores is None:
+                best_scores, best_positions = block_scores, top
+                continue
 
             scores = torch.cat([best_scores, block_scores], dim=1)
-            positions = torch.cat([best_positions, block_positions], dim=1)
+            positions = torch.cat([best_positions, top + start], dim=1)
             best_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
             best_positions = positions.gather(1, top)
 
@@ -242,3 +273,69 @@ class CandidateSearch:
         scores = best_scores.cpu().numpy()
         found[~np.isfinite(scores)] = -1
         return found, scores
+
+    @staticmethod
+    def _masked_scores(
+        queries: torch.Tensor,
+        query_groups: np.ndarray,
+        keys: torch.Tensor,
+        key_groups: np.ndarray,
+        key_mask: np.ndarray,
+    ) -> torch.Tensor:
+        """Return inner products ``[A, P]``, -inf for same-group and masked keys."""
+        device = keys.device
+        scores = queries.to(device=device, dtype=torch.float32) @ keys.to(torch.float32).T
+        # Same-group entries are few (the other captions of the anchor's image),
+        # so they are set by index rather than through an [A, P] comparison.
+        rows, columns = same_group_entries(query_groups, key_groups)
+        masked = np.flatnonzero(~key_mask)
+        if device.type == "cpu":
+            # NumPy's fancy assignment is much faster than torch's index_put on the CPU.
+            view = scores.numpy()
+            view[rows, columns] = -np.inf
+            view[:, masked] = -np.inf
+            return scores
+        if rows.size:
+            scores[torch.as_tensor(rows, device=device), torch.as_tensor(columns, device=device)] = -torch.inf
+        if masked.size:
+            scores.index_fill_(1, torch.as_tensor(masked, device=device), -torch.inf)
+        return scores
+
+    @staticmethod
+    def _top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return the ``k`` best columns per row (-1 pads) and their similarities (score / 2, -inf pads)."""
+        n_rows, n_columns = scores.shape
+        positions = np.full((n_rows, k), -1, dtype=np.int64)
+        similarities = np.full((n_rows, k), -np.inf, dtype=np.float32)
+        best, top = scores.topk(min(k, n_columns), dim=1)
+        best, top = best.cpu().numpy(), top.cpu().numpy()
+        finite = np.isfinite(best)
+        width = top.shape[1]
+        positions[:, :width] = np.where(finite, top, -1)
+        similarities[:, :width] = np.where(finite, best / 2.0, -np.inf)
+        return positions, similarities
+
+
+def _pairs_of(slots: np.ndarray, slot_pairs: np.ndarray) -> np.ndarray:
+    """Map search positions to pair indices, keeping -1 pads."""
+    if slot_pairs.size == 0:
+        return np.full(slots.shape, -1, dtype=np.int64)
+    return np.where(slots >= 0, slot_pairs[np.clip(slots, 0, None)], -1)
+
+
+@dataclass
+class PoolSearch:
+    """Result of :meth:`CandidateSearch.search_pool` for A queries.
+
+    - ``pairs``: int64 ``[A, k]`` nearest pool pairs of other groups, most similar first, -1 pads.
+    - ``similarities``: float32 ``[A, k]`` s(a, c), -inf pads.
+    - ``reserve_pairs``: int64 ``[A, R]``, pool pairs that include the
+      ``k + n_reserve`` nearest: either the whole pool in any order (R = P,
+      possibly a broadcast read-only view) or the nearest, sorted; -1 pads.
+    - ``reserve_sims``: float32 ``[A, R]`` s(a, c), -inf where the pair is not eligible.
+    """
+
+    pairs: np.ndarray
+    similarities: np.ndarray
+    reserve_pairs: np.ndarray
+    reserve_sims: np.ndarray

@@ -101,9 +101,10 @@ def random_states() -> dict[str, Any]:
 def restore_random_states(states: dict[str, Any]) -> None:
     """Restore what ``random_states`` captured.
 
-    CUDA states are restored only when the run again sees as many CUDA
-    devices; otherwise (a run resumed on another device) they are skipped
-    with a warning, and the resumed run cannot repeat the uninterrupted one exactly.
+    CUDA states are restored only when this process has as many CUDA
+    devices as the one that saved them. Otherwise, as for a run resumed on
+    another device, they are skipped with a warning, and the resumed run
+    cannot repeat the uninterrupted one exactly.
     """
     python = states["python"]
     random.setstate((python["version"], tuple(int(x) for x in python["state"].tolist()), python["gauss"]))
@@ -116,7 +117,7 @@ def restore_random_states(states: dict[str, Any]) -> None:
     if saved_cuda is not None and len(saved_cuda) == available:
         torch.cuda.set_rng_state_all(saved_cuda)
     elif saved_cuda is not None or available:
-        logger.warning("the checkpoint holds CUDA random states for %d devices and this run has %d; "
+        logger.warning("the checkpoint contains CUDA random states for %d devices and this run has %d; "
                        "CUDA random states are not restored", 0 if saved_cuda is None else len(saved_cuda),
                        available)
 

@@ -39,7 +39,7 @@ from falcon_rl.training.hardware import autocast, evaluation_mode, resolve_devic
 
 logger = logging.getLogger(__name__)
 
-REWARD_PROXIES = {"mlm_gain": "mlm", "itc_gain": "itc", "itm_gain": "itm"}
+REWARD_PROXIES = {"mlm_gain": "mlm", "itc_gain": "itc", "itm_gain": "itm", "itg_gain": "itg"}
 ITM_FILTER_BATCH = 256
 LOSS_EMA_DECAY = 0.9
 
@@ -56,7 +56,15 @@ class StepResult:
 
 
 class NonFiniteError(RuntimeError):
-    """Raised when too many consecutive steps had non-finite loss or gradients."""
+    """Raised when too many consecutive steps had non-finite loss or gradients.
+
+    :param message: what went non-finite, for the user.
+    :param result: the step that reached the limit; the run's state already includes it.
+    """
+
+    def __init__(self, message: str, result: StepResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class TrainingRun:
@@ -100,10 +108,15 @@ class TrainingRun:
         self.steps_per_epoch = math.ceil(n_pairs / config.batch_size)
         self.total_steps = total_steps or config.total_steps(self.steps_per_epoch)
         self.proxy = REWARD_PROXIES[config.reward]
-        if self.proxy == "itm" and not self.framework.has_itm:
-            raise ConfigError(f"invalid value for reward: {config.reward!r} "
-                              f"(framework {config.framework!r} has no ITM head)")
+        available = getattr(self.framework, "proxy_losses", ("mlm", "itc", "itm"))
+        if self.proxy not in available:
+            allowed = ", ".join(f"{name}_gain" for name in available)
+            raise ConfigError(f"invalid value for reward: {config.reward!r} (framework {config.framework!r} "
+                              f"offers {allowed})")
 
+        if config.itm_rerank and not self.framework.has_itm:
+            raise ConfigError(f"invalid value for itm_rerank: {config.itm_rerank!r} (framework "
+                              f"{config.framework!r} has no ITM head; use 0)")
         self.fn_filter_threshold = config.fn_filter_threshold()
         if self.fn_filter_threshold is not None and not self.framework.has_itm:
             raise ConfigError(f"invalid value for fn_filter: {config.fn_filter!r} "
@@ -236,7 +249,12 @@ class TrainingRun:
 
         info = self._step_info(batch, losses, reward, updated, fn_labels)
         anchor_rewards = np.full(self.n_anchors, reward, dtype=np.float32)
-        return StepResult(reward, anchor_rewards, self.observation(), terminated, info)
+        result = StepResult(reward, anchor_rewards, self.observation(), terminated, info)
+        # Raised only after the step's bookkeeping, so the run's state (and a checkpoint of it)
+        # includes the skipped step and the next proposal.
+        if not updated and self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
+            raise NonFiniteError(self._nonfinite_message(losses), result)
+        return result
 
     def _next_batch(self, hardness: np.ndarray | None) -> MinedBatch:
         if not self.uses_mining:
@@ -342,10 +360,12 @@ class TrainingRun:
         what = "loss" if not math.isfinite(losses["total"]) else "gradients"
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
         logger.warning("step %d skipped: non-finite %s (%s)", self.step_count + 1, what, ", ".join(bad) or what)
-        if self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
-            raise NonFiniteError(f"{self.consecutive_nonfinite} consecutive steps had non-finite {what} "
-                                 f"({', '.join(bad) or what}); the learning rate ({self.config.lr}) may be "
-                                 "too high")
+
+    def _nonfinite_message(self, losses: dict[str, float]) -> str:
+        what = "loss" if not math.isfinite(losses["total"]) else "gradients"
+        bad = [name for name, value in losses.items() if not math.isfinite(value)]
+        return (f"{self.consecutive_nonfinite} consecutive steps had non-finite {what} ({', '.join(bad) or what}); "
+                f"the learning rate ({self.config.lr}) may be too high")
 
     def _update_loss_features(self, loss: float) -> None:
         if math.isnan(self.loss_ema):
@@ -428,6 +448,11 @@ class TrainingRun:
         self.bank.load_state_dict(state["bank"])
         self.builder.load_state_dict(state["builder"])
         self.proposal = Proposal(**state["proposal"]) if state["proposal"] is not None else None
+        # The last step of a budget proposes nothing, so a run extended past it needs a fresh proposal.
+        stale = self.proposal is None or (self.proposal.epoch, self.proposal.batch_index) != \
+            (self.builder.epoch, self.builder.batch_index)
+        if self.uses_mining and stale:
+            self.proposal = self.builder.propose(self.bank)
         self.step_count = counters["step"]
         self.skipped_steps = counters["skipped_steps"]
         self.consecutive_nonfinite = counters["consecutive_nonfinite"]
