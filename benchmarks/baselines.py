@@ -7,10 +7,10 @@
 - :class:`GreedyGrouping`: GRIT-VLP's grouping (Byun et al., 2022, "GRIT-VLP:
   Grouped Mini-batch Sampling for Efficient Vision and Language
   Pre-training", ECCV), written from the paper's description. Within each
-  search space of S samples it computes the S x S image-to-text and
-  text-to-image ITC similarity matrices (softmax over s / temperature), then
-  walks greedily from a random sample: from an image to its most similar
-  text, from that text to its most similar image, and so on. Each visited
+  search space of S samples, it computes the S x S image-to-text and
+  text-to-image ITC similarity matrices (softmax over s / temperature).
+  It then walks greedily from a random sample: from an image to its most
+  similar text, from that text to its most similar image, and so on. Each visited
   sample's row and column are set to 0 in both matrices, so it is never
   chosen again. The visiting order is cut into mini-batches. The walk is a
   Python loop of tensor operations, O(S) work per sample, O(S^2) per search

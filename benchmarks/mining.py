@@ -13,7 +13,7 @@ B = 128 (64 anchors), top-K = 16 candidates. Builders:
   ``[img, txt]``, one ``torch.mm`` of ``[A, 2d] x [2d, S - A]`` on
   contiguous float32 tensors gathered beforehand. This is A x (S - A) x 2d
   multiply-adds, both directions (image-to-text and text-to-image) of the
-  cross-modal similarity; it excludes the row gathers, masks, top-k and
+  cross-modal similarity. It excludes the row gathers, masks, top-k and
   selection that every miner needs as well. The products cycle through 16
   operand sets (128 MiB), so the keys come from memory, as they do for the
   builder when a training step runs between two searches.
@@ -85,7 +85,7 @@ def make_bank(n_pairs: int, dtype: torch.dtype, seed: int = SEED) -> EmbeddingBa
 
 def builder_task(bank: EmbeddingBank, image_ids: np.ndarray, n_batches: int, mixed: bool,
                  backend: str) -> Callable[[], float]:
-    """A task timing ``n_batches`` propose + select calls of a fresh BatchBuilder."""
+    """Return a task that times ``n_batches`` propose + select calls of a fresh BatchBuilder."""
 
     def run() -> float:
         builder = BatchBuilder(image_ids, BATCH_SIZE, SEARCH_SPACE, TOP_K, SEED, backend=backend)
@@ -105,7 +105,7 @@ def builder_task(bank: EmbeddingBank, image_ids: np.ndarray, n_batches: int, mix
 
 
 def topk_task(bank: EmbeddingBank, image_ids: np.ndarray, n_batches: int) -> Callable[[], float]:
-    """A task timing ``n_batches`` batches of a fresh TorchTopkBuilder."""
+    """Return a task that times ``n_batches`` batches of a fresh TorchTopkBuilder."""
 
     def run() -> float:
         builder = TorchTopkBuilder(bank, image_ids, BATCH_SIZE, SEARCH_SPACE, TOP_K, SEED)
@@ -122,7 +122,7 @@ def topk_task(bank: EmbeddingBank, image_ids: np.ndarray, n_batches: int) -> Cal
 
 
 def greedy_task(bank: EmbeddingBank, n_spaces: int) -> Callable[[], float]:
-    """A task timing ``n_spaces`` search spaces of a fresh GreedyGrouping."""
+    """Return a task that times ``n_spaces`` search spaces of a fresh GreedyGrouping."""
 
     def run() -> float:
         grouping = GreedyGrouping(bank, BATCH_SIZE, SEARCH_SPACE, SEED)
@@ -139,12 +139,12 @@ def greedy_task(bank: EmbeddingBank, n_spaces: int) -> Callable[[], float]:
 
 
 def bound_task(bank: EmbeddingBank, n_batches: int, n_buffers: int) -> Callable[[], float]:
-    """A task timing ``n_batches`` bare ``[A, 2d] x [2d, S - A]`` products on pre-gathered operands.
+    """Return a task that times ``n_batches`` bare ``[A, 2d] x [2d, S - A]`` products on pre-gathered operands.
 
     The products cycle through ``n_buffers`` separate operand sets. With
-    enough of them (16 sets are 128 MiB) every product reads its keys from
-    memory, as the builder's search does after a training step has run in
-    between; with one set the keys stay in the CPU cache.
+    enough of them (16 sets are 128 MiB), every product reads its keys from
+    memory, as the builder's search does when a training step runs between
+    two searches. With one set, the keys stay in the CPU cache.
     """
     n_anchors = math.ceil(BATCH_SIZE / 2)
     rng = np.random.default_rng(SEED)
@@ -222,7 +222,7 @@ def measure_bank(n_pairs: int, args: argparse.Namespace) -> list[dict[str, Any]]
 
 def make_row(name: str, n_pairs: int, seconds: list[float], batches: int, pairs: int,
              has_anchors: bool) -> dict[str, Any]:
-    """One table row from a builder's measured samples."""
+    """Build one table row from a builder's measured samples."""
     seconds_median = median(seconds)
     whole_epoch = pairs >= n_pairs
     n_anchors = math.ceil(BATCH_SIZE / 2)
@@ -242,7 +242,7 @@ def make_row(name: str, n_pairs: int, seconds: list[float], batches: int, pairs:
 
 
 def summary(rows: list[dict[str, Any]], backend: str, sizes: list[int]) -> dict[str, Any]:
-    """Top-level figures for the builder at q = 1 on the largest bank measured."""
+    """Compute the top-level figures for the builder at q = 1 on the largest bank measured."""
     largest = max(sizes)
 
     def row(name: str, n_pairs: int = largest) -> dict[str, Any] | None:

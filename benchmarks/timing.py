@@ -43,24 +43,24 @@ def alternated_medians(
 
 
 def median(values: Sequence[float]) -> float:
-    """Median of the samples, or NaN when there are none."""
+    """Return the median of the samples, or NaN when there are none."""
     return float(statistics.median(values)) if values else float("nan")
 
 
 def timed(function: Callable[[], Any]) -> float:
-    """Seconds that one call of ``function`` takes."""
+    """Return the seconds that one call of ``function`` takes."""
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
 
 
 def peak_memory_mb() -> float:
-    """Peak resident set size of this process in MiB (``resource.getrusage`` ``ru_maxrss``, KiB on Linux)."""
+    """Return the peak resident set size of this process in MiB (``getrusage`` ``ru_maxrss`` is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def cpu_model() -> str:
-    """The CPU model name from /proc/cpuinfo, else what ``platform`` reports."""
+    """Return the CPU model name from /proc/cpuinfo, else what ``platform`` reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -71,7 +71,7 @@ def cpu_model() -> str:
 
 
 def hardware() -> dict[str, Any]:
-    """Cores, CPU model, load, threads and package versions of this run."""
+    """Return the cores, CPU model, load, threads and package versions of this run."""
     return {
         "cpu_model": cpu_model(),
         "cores": os.cpu_count(),
@@ -101,7 +101,7 @@ def write_json(path: str | None, record: dict[str, Any]) -> None:
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> str:
-    """Render rows as a Markdown table; ``columns`` holds (key, header, format) triples."""
+    """Render rows as a Markdown table; ``columns`` contains (key, header, format) triples."""
     lines = ["| " + " | ".join(header for _, header, _ in columns) + " |",
              "|" + "|".join("---:" if fmt else "---" for _, _, fmt in columns) + "|"]
     for row in rows:

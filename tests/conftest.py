@@ -5,6 +5,11 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes more than a few seconds; deselect with -m 'not slow'")
+    # The test models are tiny: one thread avoids thread start-up and contention costs that
+    # outweigh the parallel speed-up, and keeps timings steady on a shared machine.
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -44,10 +44,12 @@ def evaluate_retrieval(
 ) -> dict[str, float | int | None]:
     """Evaluate image-to-text and text-to-image retrieval on every image and caption of a split.
 
-    Images and captions are ranked by the cosine similarity of their ITC embeddings. With
-    ``itm_rerank_k > 0`` and a framework that has an ITM head, the top k captions of each
-    image and the top k images of each caption are re-ordered by ITM match probability, as
-    ALBEF evaluates. Items outside the top k keep their ITC order below them.
+    Images and captions are ranked by the framework's ITC similarity
+    (``VLPFramework.retrieval_similarity``): the cosine of the ITC embeddings, or for BLIP-2
+    the maximum over its query embeddings. With ``itm_rerank_k > 0`` and a framework that
+    has an ITM head, the top k captions of each image and the top k images of each caption
+    are re-ordered by ITM match probability, as ALBEF evaluates. Items outside the top k
+    keep their ITC order below them.
 
     :param framework: the model; it is evaluated in eval mode and its previous mode is restored.
     :param pairs: the split's images and captions, with human judgments when the dataset has them.
@@ -69,9 +71,9 @@ def evaluate_retrieval(
     try:
         with torch.no_grad(), _autocast(device, precision):
             input_ids, attention_mask = tokenize(tokenizer, pairs.captions, framework.max_text_length)
-            image_embed = _embed_images(framework, pairs.images, device, batch_size, progress)
+            image_features = _embed_images(framework, pairs.images, device, batch_size, progress)
             text_embed = _embed_texts(framework, input_ids, attention_mask, device, batch_size, progress)
-            sim = image_embed @ text_embed.T
+            sim = framework.retrieval_similarity(image_features, text_embed)
             i2t_sim, t2i_sim = sim, sim
             if itm_rerank_k > 0 and framework.has_itm:
                 match_prob = _image_caption_match_prob(
@@ -135,7 +137,7 @@ def _embed_images(
     embeddings = []
     for start in tqdm(range(0, len(images), batch_size), desc="embed images", disable=not progress):
         pixels = framework.preprocess_images(images[start:start + batch_size].to(device))
-        embeddings.append(framework.embed_images(pixels).float())
+        embeddings.append(framework.retrieval_image_features(pixels).float())
     return torch.cat(embeddings)
 
 

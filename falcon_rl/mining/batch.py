@@ -38,11 +38,11 @@ class Proposal:
     n_negatives: int
     epoch: int
     batch_index: int
-    # Search-space pairs per anchor that include its K + A nearest (int64
-    # [A, R], -1 pads; the whole pool when the search computed all scores) and
-    # their similarities (float32, -inf where not eligible). An exhausted
-    # anchor's fallback is the most similar of them that is neither its
-    # candidate nor taken.
+    # Search-space pairs per anchor (int64 [A, R], -1 pads) that include its
+    # K + A nearest, or the whole pool when the search computed all scores.
+    # reserve_sims are their similarities (float32, -inf where not eligible).
+    # An exhausted anchor's fallback is the most similar of them that is
+    # neither its candidate nor taken.
     reserve: np.ndarray = field(repr=False)
     reserve_sims: np.ndarray = field(repr=False)
 

@@ -188,17 +188,21 @@ class BatchBuilder:
         anchor_keys = bank.keys(anchors)
         queries = queries_from_keys(anchor_keys)
 
-        # The nearest K pool pairs are the candidates. The reserve holds at
-        # least the K + A nearest, which always contain the nearest pair that
-        # is neither a candidate nor taken by one of the other A - 1 anchors:
-        # the exhausted-anchor fallback of select().
+        # The nearest K pool pairs are the candidates. The reserve contains at
+        # least the K + A nearest. Those always include the nearest pair that is
+        # neither a candidate nor taken by one of the other A - 1 anchors, which
+        # is the exhausted-anchor fallback of select().
         found = self._search.search_pool(
             queries, self.image_ids[anchors], pool, self.image_ids, bank, self.top_k, n_reserve=n_anchors
         )
         candidates = found.pairs
 
+        # The search's own keys of the candidates are valid while no fallback
+        # replaced any of them.
+        candidate_keys = found.keys
         fallbacks = {"beyond_search_space": 0, "random": 0}
         if (candidates < 0).any():
+            candidate_keys = None
             beyond = self._unplaced(self.search_space, skip=self.search_space)
             beyond = beyond[~np.isin(beyond, anchors)]
             candidates, fallbacks["beyond_search_space"] = self._fill_from_beyond(
@@ -208,7 +212,8 @@ class BatchBuilder:
             candidates, fallbacks["random"] = self._fill_at_random(candidates, anchors)
 
         return self._make_proposal(
-            bank, anchors, anchor_keys, candidates, (found.reserve_pairs, found.reserve_sims), fallbacks, n_negatives
+            bank, anchors, anchor_keys, candidates, candidate_keys, (found.reserve_pairs, found.reserve_sims),
+            fallbacks, n_negatives,
         )
 
     def _fill_from_beyond(
@@ -261,13 +266,16 @@ class BatchBuilder:
         anchors: np.ndarray,
         anchor_keys: torch.Tensor,
         candidates: np.ndarray,
+        candidate_keys: torch.Tensor | None,
         reserve: tuple[np.ndarray, np.ndarray],
         fallbacks: dict[str, int],
         n_negatives: int,
     ) -> Proposal:
         valid = candidates >= 0
         dim = bank.dim
-        candidate_keys = bank.keys(np.clip(candidates, 0, None).reshape(-1)).reshape(*candidates.shape, 2 * dim)
+        if candidate_keys is None:
+            rows = bank.keys(np.clip(candidates, 0, None).reshape(-1))
+            candidate_keys = rows.reshape(*candidates.shape, 2 * dim)
         i2t, t2i, positive = directional_similarities(
             anchor_keys[:, :dim], anchor_keys[:, dim:], candidate_keys[..., :dim], candidate_keys[..., dim:]
         )
@@ -407,7 +415,7 @@ class BatchBuilder:
         fallbacks: dict[str, int],
     ) -> MinedBatch:
         pair_indices = np.concatenate([anchors, negatives[negatives >= 0]]).astype(np.int64)
-        if self._placed[pair_indices].any() or np.unique(pair_indices).size != pair_indices.size:
+        if self._placed[pair_indices].any() or len(set(pair_indices.tolist())) != pair_indices.size:
             raise RuntimeError("batch builder tried to place a pair twice in one epoch")
         self._placed[pair_indices] = True
         self._n_placed += pair_indices.size

@@ -15,7 +15,7 @@ from gymnasium import spaces
 from falcon_rl.mining.errors import MiningError
 
 
-def hardness_to_rank(q: float | np.ndarray, m: int | np.ndarray) -> np.ndarray:
+def hardness_to_rank(q: float | np.ndarray, m: int | np.ndarray, validate: bool = True) -> np.ndarray:
     """Return the rank ``round((1 - q) * (m - 1))`` of the negative to pick.
 
     Works element-wise on arrays. Where ``m < 1`` (no free candidate) the rank
@@ -23,15 +23,23 @@ def hardness_to_rank(q: float | np.ndarray, m: int | np.ndarray) -> np.ndarray:
 
     :param q: hardness levels in [0, 1].
     :param m: number of free candidates.
+    :param validate: check that every level is finite and in [0, 1]; callers
+        that validated the levels already may skip it.
     :return: int64 ranks in ``[0, m - 1]``, with the broadcast shape of ``q`` and ``m``.
     """
-    q = np.asarray(q, dtype=np.float64)
+    q = check_hardness(q) if validate else np.asarray(q, dtype=np.float64)
     m = np.asarray(m, dtype=np.int64)
-    if np.any(~np.isfinite(q)) or np.any((q < 0.0) | (q > 1.0)):
-        raise MiningError(f"hardness must be finite and in [0, 1], got {q}")
 
     rank = np.rint((1.0 - q) * (m - 1)).astype(np.int64)
     return np.where(m >= 1, np.clip(rank, 0, np.maximum(m - 1, 0)), -1)
+
+
+def check_hardness(q: float | np.ndarray) -> np.ndarray:
+    """Return ``q`` as float64, raising :class:`MiningError` unless every level is finite and in [0, 1]."""
+    q = np.asarray(q, dtype=np.float64)
+    if np.any(~np.isfinite(q)) or np.any((q < 0.0) | (q > 1.0)):
+        raise MiningError(f"hardness must be finite and in [0, 1], got {q}")
+    return q
 
 
 def levels(n_levels: int) -> np.ndarray:

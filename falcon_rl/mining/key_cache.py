@@ -35,11 +35,11 @@ class KeyCache:
 
     @property
     def occupied(self) -> np.ndarray:
-        """Bool ``[C]``: the slot holds a pair of the current pool."""
+        """Bool ``[C]``: the slot contains a pair of the current pool."""
         return self.slot_pairs >= 0
 
     def sync(self, pool: np.ndarray, bank: EmbeddingBank) -> None:
-        """Make the cached pairs exactly ``pool``, with keys as they stand in ``bank`` now."""
+        """Make the cached pairs exactly ``pool``, with keys as they are in ``bank`` now."""
         if self._must_rebuild(pool, bank):
             self._rebuild(pool, bank)
             return
@@ -62,6 +62,16 @@ class KeyCache:
         self.slot_pairs[free] = arriving
         self._slot_versions[free] = versions[~current]
         self._slot_of_pair[arriving] = free
+
+    def slots_of(self, pairs: np.ndarray) -> np.ndarray:
+        """Return the slot of each pair, -1 for pairs not in the cache."""
+        return self._slot_of_pair[pairs].astype(np.int64)
+
+    def rows(self, slots: np.ndarray) -> torch.Tensor:
+        """Return the cached keys of the given slots, ``[len(slots), 2d]``."""
+        if self.keys.device.type == "cpu":
+            return torch.from_numpy(np.take(self.keys.numpy(), slots, axis=0))
+        return self.keys.index_select(0, torch.as_tensor(slots, device=self.keys.device))
 
     def _write(self, slots: np.ndarray, rows: torch.Tensor) -> None:
         if self.keys.device.type == "cpu":

@@ -14,18 +14,41 @@ def same_group_counts(query_groups: np.ndarray, key_groups: np.ndarray) -> np.nd
     return np.where(groups[slot] == query_groups, group_sizes[slot], 0)
 
 
+class GroupIndex:
+    """The pairs of every group (image_id), for finding an anchor's positives without a search.
+
+    :param groups: int64 ``[N]`` group of every pair.
+    """
+
+    def __init__(self, groups: np.ndarray) -> None:
+        self.groups = groups
+        self._order = np.argsort(groups, kind="stable")
+        self._sorted = groups[self._order]
+
+    def members(self, query_groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (query row, pair index) for every pair of each query's group, as two int64 arrays."""
+        first = np.searchsorted(self._sorted, query_groups, side="left")
+        counts = np.searchsorted(self._sorted, query_groups, side="right") - first
+        return _expand_runs(first, counts, self._order)
+
+
 def same_group_entries(query_groups: np.ndarray, key_groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return the (query, key) index pairs whose groups are equal, as two int64 arrays."""
     order = np.argsort(key_groups, kind="stable")
     sorted_groups = key_groups[order]
     first = np.searchsorted(sorted_groups, query_groups, side="left")
     counts = np.searchsorted(sorted_groups, query_groups, side="right") - first
+    return _expand_runs(first, counts, order)
+
+
+def _expand_runs(first: np.ndarray, counts: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (row, order[first[row] + j]) for j < counts[row], for every row, as two int64 arrays."""
     total = int(counts.sum())
     if total == 0:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
 
-    rows = np.repeat(np.arange(len(query_groups)), counts)
-    # Position of each entry within its query's run of equal groups.
+    rows = np.repeat(np.arange(len(counts)), counts)
+    # Position of each entry within its row's run.
     offsets = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
     return rows, order[np.repeat(first, counts) + offsets]
 

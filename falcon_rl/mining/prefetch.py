@@ -9,8 +9,9 @@ follows this protocol for every mined step t:
 
 1. ``batch_t = builder.select(proposal_t, hardness)`` (the builder moves on).
 2. ``search.submit(bank)`` unless the run ends after this step. This
-   starts ``propose`` for step t + 1 against the bank as it stands, which
-   is the bank after step t - 1.
+   starts ``propose`` for step t + 1 against the current bank, which is the
+   bank after step t - 1. When the epoch is finished, the worker's
+   ``propose`` starts the next one.
 3. Train on ``batch_t`` (forward, backward, optimizer step, reward proxy).
    Neither the builder nor the bank may be written while the search runs.
    Reading the bank is safe.
@@ -62,7 +63,7 @@ class BackgroundSearch:
         return self._pending is not None
 
     def submit(self, bank: EmbeddingBank) -> None:
-        """Start ``propose`` for the next batch against ``bank`` as it stands now.
+        """Start ``propose`` for the next batch against the current contents of ``bank``.
 
         :raises MiningError: when the previous search was not collected.
         """

@@ -6,8 +6,8 @@ The similarity of anchor a and candidate c is
 
 the mean of the image-to-text and text-to-image inner products. With keys
 ``[img_c, txt_c]`` and queries ``[txt_a, img_a]`` (both ``2d`` wide), one
-inner product gives exactly ``2 s(a, c)``, so an inner-product index
-answers the search. Candidates that share the anchor's group (its
+inner product gives exactly ``2 s(a, c)``, so an inner-product search
+computes it. Candidates that share the anchor's group (its
 ``image_id``) are positives and never returned.
 
 Backends of the exact (``index="flat"``) search return the same candidates
@@ -17,6 +17,11 @@ up to ties in similarity:
   when the installed faiss sees a GPU.
 - ``"torch"``: blocked matrix products and ``topk`` on the keys' device, so
   no ``[A, P]`` matrix larger than one block is ever built.
+
+Both read the pool's keys from a cache kept across batches (see
+:mod:`falcon_rl.mining.key_cache`). On a 2-core AMD EPYC with faiss-cpu 1.15
+and torch 2.13 (MKL), the faiss backend built batches 1.5 to 2.4 times slower
+than the torch backend in ``benchmarks/mining.py`` (see docs/benchmarks.md).
 
 ``index="ivf"`` or ``"hnsw"`` keeps an approximate FAISS index of the search
 space across batches instead (see :mod:`falcon_rl.mining.approximate`); it
@@ -36,7 +41,7 @@ from falcon_rl.mining.approximate import APPROXIMATE_INDEXES, ApproximateIndex
 from falcon_rl.mining.bank import EmbeddingBank
 from falcon_rl.mining.errors import MiningError
 from falcon_rl.mining.key_cache import KeyCache
-from falcon_rl.mining.positives import drop_same_group, same_group_counts, same_group_entries
+from falcon_rl.mining.positives import GroupIndex, drop_same_group, same_group_counts, same_group_entries
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +123,7 @@ class CandidateSearch:
         self.index = index
         self.approximate = ApproximateIndex(index, **(index_options or {})) if index != "flat" else None
         self._cache = KeyCache()
+        self._groups: GroupIndex | None = None
         self._gpu_resources = None
 
     def reset(self) -> None:
@@ -148,7 +154,7 @@ class CandidateSearch:
         :param groups: int64 group of every pair of the bank ``[N]``.
         :param bank: the embeddings of all pairs.
         :param k: number of results per query.
-        :param n_reserve: the reserve holds at least the ``k + n_reserve`` nearest pairs.
+        :param n_reserve: the reserve contains at least the ``k + n_reserve`` nearest pairs.
         """
         if self.approximate is not None:
             pairs, similarities = self.approximate.search(
@@ -160,22 +166,35 @@ class CandidateSearch:
         cache.sync(pool, bank)
         occupied = cache.occupied
         slot_pairs = cache.slot_pairs.copy()
-        slot_groups = np.where(occupied, groups[np.clip(slot_pairs, 0, None)], -1)
 
         if self.backend == "torch" and 0 < slot_pairs.size <= self.block_size:
             # One block: the masked score matrix is at hand, so it serves as the
-            # reserve, and only the k best need a top-k.
-            scores = self._masked_scores(queries, query_groups, cache.keys, slot_groups, occupied)
+            # reserve, and only the k best need a top-k. The positives come from
+            # the group index, which spares a search over the pool's groups.
+            rows, positives = self._group_index(groups).members(query_groups)
+            columns = cache.slots_of(positives)
+            cached = columns >= 0
+            scores = self._masked_scores(queries, cache.keys, (rows[cached], columns[cached]), occupied)
             slots, similarities = self._top_k(scores, k)
             reserve_sims = scores.mul_(0.5).cpu().numpy()
             reserve_pairs = np.broadcast_to(slot_pairs, reserve_sims.shape)
-            return PoolSearch(_pairs_of(slots, slot_pairs), similarities, reserve_pairs, reserve_sims)
+            return PoolSearch(_pairs_of(slots, slot_pairs), similarities, reserve_pairs, reserve_sims,
+                              self._result_keys(slots))
 
+        slot_groups = np.where(occupied, groups[np.maximum(slot_pairs, 0)], -1)
         slots, similarities = self.search(
             queries, query_groups, cache.keys, slot_groups, k + n_reserve, key_mask=occupied
         )
         reserve_pairs = _pairs_of(slots, slot_pairs)
-        return PoolSearch(reserve_pairs[:, :k], similarities[:, :k], reserve_pairs, similarities)
+        return PoolSearch(reserve_pairs[:, :k], similarities[:, :k], reserve_pairs, similarities,
+                          self._result_keys(slots[:, :k]))
+
+    def _result_keys(self, slots: np.ndarray) -> torch.Tensor | None:
+        """Return the cached keys ``[A, k, 2d]`` of the found slots (any row at -1 pads)."""
+        if self._cache.slot_pairs.size == 0:
+            return None
+        rows = self._cache.rows(np.maximum(slots, 0).reshape(-1))
+        return rows.reshape(*slots.shape, rows.shape[1])
 
     def search(
         self,
@@ -257,7 +276,8 @@ class CandidateSearch:
         for start in range(0, int(keys.shape[0]), self.block_size):
             end = min(start + self.block_size, int(keys.shape[0]))
             scores = self._masked_scores(
-                queries, query_groups, keys[start:end], key_groups[start:end], key_mask[start:end]
+                queries, keys[start:end], same_group_entries(query_groups, key_groups[start:end]),
+                key_mask[start:end],
             )
             block_scores, top = scores.topk(min(k, scores.shape[1]), dim=1)
             if best_scores is None:
@@ -274,20 +294,24 @@ class CandidateSearch:
         found[~np.isfinite(scores)] = -1
         return found, scores
 
+    def _group_index(self, groups: np.ndarray) -> GroupIndex:
+        if self._groups is None or self._groups.groups is not groups:
+            self._groups = GroupIndex(groups)
+        return self._groups
+
     @staticmethod
     def _masked_scores(
         queries: torch.Tensor,
-        query_groups: np.ndarray,
         keys: torch.Tensor,
-        key_groups: np.ndarray,
+        same_group: tuple[np.ndarray, np.ndarray],
         key_mask: np.ndarray,
     ) -> torch.Tensor:
-        """Return inner products ``[A, P]``, -inf for same-group and masked keys."""
+        """Return inner products ``[A, P]``, -inf at the same-group (row, column) entries and masked keys."""
         device = keys.device
         scores = queries.to(device=device, dtype=torch.float32) @ keys.to(torch.float32).T
         # Same-group entries are few (the other captions of the anchor's image),
         # so they are set by index rather than through an [A, P] comparison.
-        rows, columns = same_group_entries(query_groups, key_groups)
+        rows, columns = same_group
         masked = np.flatnonzero(~key_mask)
         if device.type == "cpu":
             # NumPy's fancy assignment is much faster than torch's index_put on the CPU.
@@ -320,7 +344,7 @@ def _pairs_of(slots: np.ndarray, slot_pairs: np.ndarray) -> np.ndarray:
     """Map search positions to pair indices, keeping -1 pads."""
     if slot_pairs.size == 0:
         return np.full(slots.shape, -1, dtype=np.int64)
-    return np.where(slots >= 0, slot_pairs[np.clip(slots, 0, None)], -1)
+    return np.where(slots >= 0, slot_pairs[np.maximum(slots, 0)], -1)
 
 
 @dataclass
@@ -333,9 +357,12 @@ class PoolSearch:
       ``k + n_reserve`` nearest: either the whole pool in any order (R = P,
       possibly a broadcast read-only view) or the nearest, sorted; -1 pads.
     - ``reserve_sims``: float32 ``[A, R]`` s(a, c), -inf where the pair is not eligible.
+    - ``keys``: float32 ``[A, k, 2d]`` keys of ``pairs`` (any row at pads),
+      taken from the flat index's key cache; None for the approximate indexes.
     """
 
     pairs: np.ndarray
     similarities: np.ndarray
     reserve_pairs: np.ndarray
     reserve_sims: np.ndarray
+    keys: torch.Tensor | None = None

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from falcon_rl.mining.hardness import hardness_to_rank
+from falcon_rl.mining.hardness import check_hardness, hardness_to_rank
 
 # (anchor slot, pair indices taken so far in this batch) -> pair index, or -1 if none.
 FallbackNegative = Callable[[int, np.ndarray], int]
@@ -92,31 +92,42 @@ def choose_negatives(
     """
     n_anchors = candidates.shape[0]
     selection = _empty_selection(n_anchors)
-    hardness = np.asarray(hardness, dtype=np.float64)
-    taken = np.empty(0, dtype=np.int64)
-    start = 0
+    hardness = check_hardness(hardness)
     end_all = min(n_negatives, n_anchors)
 
+    # Candidates renumbered 0 .. U - 1, so that "taken" and "chosen first by"
+    # are lookups in arrays of U entries instead of set operations per round.
+    values, ids = np.unique(candidates, return_inverse=True)
+    ids = ids.reshape(candidates.shape)
+    taken = np.zeros(values.size, dtype=bool)
+    taken_pairs: list[int] = []
+    start = 0
+
     while start < end_all:
-        rows = candidates[start:end_all]
-        free = eligible[start:end_all] & ~np.isin(rows, taken)
+        rows = ids[start:end_all]
+        free = eligible[start:end_all] & ~taken[rows]
         n_free = free.sum(axis=1)
 
         if n_free[0] == 0:
             selection.exhausted += 1
-            negative = fallback(start, taken)
+            negative = fallback(start, np.asarray(taken_pairs, dtype=np.int64))
             selection.negatives[start] = negative
             if negative >= 0:
-                taken = np.append(taken, negative)
+                taken_pairs.append(negative)
+                slot = np.searchsorted(values, negative)
+                if slot < values.size and values[slot] == negative:
+                    taken[slot] = True
             start += 1
             continue
 
         ranks, columns, choices = _choose_in_rows(rows, free, n_free, hardness[start:end_all])
-        n_commit = _committable_prefix(rows, free, n_free, choices)
-        selection.negatives[start : start + n_commit] = choices[:n_commit]
+        n_commit = _committable_prefix(rows, free, n_free, choices, values.size)
+        committed = choices[:n_commit]
+        selection.negatives[start : start + n_commit] = values[committed]
         selection.ranks[start : start + n_commit] = ranks[:n_commit]
         selection.columns[start : start + n_commit] = columns[:n_commit]
-        taken = np.concatenate([taken, choices[:n_commit]])
+        taken[committed] = True
+        taken_pairs.extend(values[committed].tolist())
         start += n_commit
 
     return selection
@@ -125,26 +136,28 @@ def choose_negatives(
 def _choose_in_rows(
     rows: np.ndarray, free: np.ndarray, n_free: np.ndarray, hardness: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    ranks = hardness_to_rank(hardness, n_free)
+    # choose_negatives validated the levels once, so the rounds skip the check.
+    ranks = hardness_to_rank(hardness, n_free, validate=False)
     # The column of the (rank + 1)-th free candidate of each row.
     hit = free & (np.cumsum(free, axis=1) == (ranks + 1)[:, None])
     columns = np.where(n_free > 0, hit.argmax(axis=1), -1)
-    choices = np.where(n_free > 0, rows[np.arange(len(rows)), np.clip(columns, 0, None)], -1)
+    choices = np.where(n_free > 0, rows[np.arange(len(rows)), np.maximum(columns, 0)], -1)
     return ranks, columns, choices
 
 
-def _committable_prefix(rows: np.ndarray, free: np.ndarray, n_free: np.ndarray, choices: np.ndarray) -> int:
+def _committable_prefix(
+    rows: np.ndarray, free: np.ndarray, n_free: np.ndarray, choices: np.ndarray, n_values: int
+) -> int:
     # An exhausted anchor needs the fallback, which depends on all earlier
     # picks, so the prefix stops before it.
     exhausted = np.flatnonzero(n_free == 0)
     limit = int(exhausted[0]) if exhausted.size else len(rows)
 
-    # Earliest anchor (within the limit) that chose each pair.
-    chosen, first_row = np.unique(choices[:limit], return_index=True)
+    # Earliest anchor (within the limit) that chose each candidate.
+    first_row = np.full(n_values, limit, dtype=np.int64)
+    np.minimum.at(first_row, choices[:limit], np.arange(limit))
     entry_rows, entry_columns = np.nonzero(free[:limit])
-    values = rows[entry_rows, entry_columns]
-    slot = np.clip(np.searchsorted(chosen, values), 0, len(chosen) - 1)
-    conflict = (chosen[slot] == values) & (first_row[slot] < entry_rows)
+    conflict = first_row[rows[entry_rows, entry_columns]] < entry_rows
     if conflict.any():
         limit = min(limit, int(entry_rows[conflict].min()))
     return limit

@@ -1,10 +1,11 @@
 """ALBEF: align before fuse (Li et al., NeurIPS 2021, arXiv 2107.07651).
 
-An image encoder and a text encoder are aligned by ITC on their [CLS] embeddings, and a
-fusion encoder with cross-attention to the image tokens is trained by ITM (with in-batch
-hard negatives drawn from the ITC similarities) and by MLM. Momentum distillation and the
-feature queue of the original are left out: GRIT-VLP shows that in-batch hard negatives
-make the queue unnecessary.
+ITC aligns the [CLS] embeddings of an image encoder and a text encoder. A fusion encoder
+with cross-attention to the image tokens is trained by MLM and by ITM, whose in-batch hard
+negatives are drawn from the ITC similarities.
+
+NOTE: the momentum encoder, momentum distillation and the ITC feature queue of the original
+are not implemented, so ITC contrasts in-batch pairs only.
 """
 
 from __future__ import annotations
@@ -166,9 +167,10 @@ class ALBEF(VLPFramework):
         return images.to(self.pixel_mean.device)
 
     def _text(self, text: TextBatch) -> TextBatch:
-        """Move ``text`` to the model's device and drop padding columns that no row uses."""
+        """Move ``text`` to the model's device and drop trailing columns that no row uses."""
         text = text.to(self.pixel_mean.device)
-        length = max(int(text.attention_mask.sum(dim=1).max()), 1)
+        used_columns = text.attention_mask.bool().any(dim=0).nonzero()
+        length = int(used_columns.max()) + 1 if used_columns.numel() > 0 else 1
         return TextBatch(text.input_ids[:, :length], text.attention_mask[:, :length])
 
     # ---- encoders -----------------------------------------------------------------------
@@ -253,8 +255,10 @@ class ALBEF(VLPFramework):
         text: TextBatch,
         image_ids: torch.Tensor,
         mask_seed: int,
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-        """Compute the loss terms in ``names``; return them with the ITC embeddings."""
+        need_embeddings: bool,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """Compute the loss terms in ``names``; return them with the ITC embeddings, which
+        are None when neither ``need_embeddings`` nor ITC or ITM asked for them."""
         with torch.no_grad():
             self.temperature.clamp_(*TEMPERATURE_RANGE)
         text = self._text(text)
@@ -263,9 +267,11 @@ class ALBEF(VLPFramework):
             raise ModelError(f"image_ids must have shape ({len(text)},), got {tuple(image_ids.shape)}")
 
         image_tokens = self.image_encoder(self._pixels(images))
-        image_embed = self._image_embedding(image_tokens)
-        text_hidden = self._encode_text(text)
-        text_embed = self._text_embedding(text_hidden)
+        image_embed = text_hidden = text_embed = None
+        if need_embeddings or "itc" in names or "itm" in names:
+            image_embed = self._image_embedding(image_tokens)
+            text_hidden = self._encode_text(text)
+            text_embed = self._text_embedding(text_hidden)
 
         losses: dict[str, torch.Tensor] = {}
         if "itc" in names:
@@ -302,7 +308,10 @@ class ALBEF(VLPFramework):
             "mlm": self.config.mlm_weight,
         }
         names = [name for name, weight in weights.items() if weight > 0]
-        losses, image_embed, text_embed = self._losses(names, images, text, image_ids, mask_seed)
+        losses, image_embed, text_embed = self._losses(
+            names, images, text, image_ids, mask_seed, need_embeddings=True
+        )
+        assert image_embed is not None and text_embed is not None
         loss = sum(weights[name] * value for name, value in losses.items())
         return StepOutput(
             loss=loss,
@@ -333,7 +342,9 @@ class ALBEF(VLPFramework):
                 f"proxy loss {name!r} is unknown; allowed values: {', '.join(PROXY_LOSSES)}"
             )
         with torch.no_grad(), _eval_mode(self):
-            losses, _, _ = self._losses([name], images, text, image_ids, mask_seed)
+            losses, _, _ = self._losses(
+                [name], images, text, image_ids, mask_seed, need_embeddings=False
+            )
         return losses[name]
 
     def itm_match_prob(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -54,7 +57,7 @@ class VLPFramework(nn.Module, abc.ABC):
 
     ``image_ids`` arguments are int64 ``[B]``: pairs with equal ids show the same image, so
     they are positives of each other. ``mask_seed`` fixes every random choice of a step
-    (MLM mask, ITM negatives), so a proxy loss recomputed after the update sees the same
+    (MLM mask, ITM negatives), so a proxy loss recomputed after the update uses the same
     masked tokens.
     """
 
@@ -102,3 +105,62 @@ class VLPFramework(nn.Module, abc.ABC):
     @abc.abstractmethod
     def itm_match_prob(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """Return the ITM probability ``[B]`` that image i and caption i match."""
+
+    def retrieval_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the image features that :meth:`retrieval_similarity` compares with captions.
+
+        The default is :meth:`embed_images`. A framework whose ITC similarity is not one dot
+        product (BLIP-2 takes the maximum over its query embeddings) returns more here.
+        """
+        return self.embed_images(images)
+
+    def retrieval_similarity(
+        self, image_features: torch.Tensor, text_embed: torch.Tensor
+    ) -> torch.Tensor:
+        """Return the ITC similarities ``[N_images, N_texts]`` that rank retrieval.
+
+        :param image_features: rows of :meth:`retrieval_image_features`
+        :param text_embed: rows of :meth:`embed_texts`
+        """
+        return image_features.float() @ text_embed.float().T
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise_pixels(
+    images_uint8: torch.Tensor, image_size: int, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """Convert uint8 images ``[B, 3, H, W]`` to float32 pixels normalised by ``mean`` and ``std``.
+
+    Images of another size are resized (bilinear, antialiased) to ``image_size``. The result
+    is on the device of ``mean``.
+
+    :param mean: per-channel mean ``[1, 3, 1, 1]`` of pixels scaled to [0, 1]
+    :param std: per-channel standard deviation ``[1, 3, 1, 1]``
+    """
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 3:
+        raise ModelError(
+            f"preprocess_images needs uint8 images [B, 3, H, W], got {images_uint8.dtype} "
+            f"{tuple(images_uint8.shape)}"
+        )
+    pixels = images_uint8.to(mean.device).float() / 255.0
+    if tuple(pixels.shape[-2:]) != (image_size, image_size):
+        pixels = F.interpolate(
+            pixels, size=(image_size, image_size), mode="bilinear", antialias=True,
+            align_corners=False,
+        )
+    return (pixels - mean) / std
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Switch ``module`` to eval mode (no dropout) and restore every submodule's mode after."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training

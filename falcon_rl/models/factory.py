@@ -9,14 +9,19 @@ from typing import Any
 
 from falcon_rl.models.albef import ALBEF
 from falcon_rl.models.base import ModelError, VLPFramework
+from falcon_rl.models.blip2 import BLIP2, BLIP2Config
 from falcon_rl.models.config import ALBEFConfig
+from falcon_rl.models.siglip import SigLIP, SigLIPConfig
 
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
-FRAMEWORKS: dict[str, tuple[type[ALBEFConfig], type[VLPFramework]]] = {
+# Framework name -> (config dataclass with from_dict, framework class).
+FRAMEWORKS: dict[str, tuple[type[Any], type[VLPFramework]]] = {
     "albef": (ALBEFConfig, ALBEF),
+    "blip2": (BLIP2Config, BLIP2),
+    "siglip": (SigLIPConfig, SigLIP),
 }
 
 
@@ -47,7 +52,7 @@ def build_framework(name: str, preset: str, **overrides: Any) -> VLPFramework:
 
     Example: ``build_framework("albef", "tiny", text_pretrained=None, fusion_layers=1)``.
 
-    :param name: framework name (``"albef"``)
+    :param name: framework name: ``"albef"``, ``"blip2"`` or ``"siglip"``
     :param preset: preset name, for example ``"test"``, ``"tiny"`` or ``"base"``
     :param overrides: settings that replace the preset's values
     :return: the framework, on the CPU, in training mode

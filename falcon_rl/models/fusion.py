@@ -18,7 +18,7 @@ class FusionLayer(nn.Module):
     then a feed-forward block.
 
     The self-attention uses only the padding mask, never a causal mask, so every text token
-    sees every other one.
+    attends to every other one.
 
     :param width: text token width
     :param image_width: image token width (keys and values of the cross-attention)

@@ -1,4 +1,5 @@
-"""ALBEF pretraining losses (ITC, ITM, MLM), ITM hard-negative sampling and MLM masking.
+"""Pretraining losses: ALBEF's ITC, ITM and MLM, BLIP-2's max-over-queries ITC and ITG,
+SigLIP's sigmoid loss, with ITM hard-negative sampling and MLM masking.
 
 Every function here is pure: it reads tensors and an optional ``torch.Generator`` and
 returns tensors. Losses are computed in float32 with autocast turned off, so they behave
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -137,8 +139,8 @@ def sample_itm_negatives(
 ) -> ITMNegatives:
     """Sample ALBEF's in-batch hard negatives for ITM from the ITC similarities.
 
-    Each image draws a negative caption with probability softmax(sim_i2t row) and each
-    caption draws a negative image likewise; pairs that share the anchor's image_id are
+    Each image draws a negative caption with probability softmax(sim_i2t row), and each
+    caption draws a negative image the same way. Pairs that share the anchor's image_id are
     never drawn. Weights are computed in float32, and NaN or infinite similarities fall
     back to a uniform draw among the allowed pairs. When every pair in the batch shows the
     same image, no negative exists and the row is marked invalid in the returned masks.
@@ -237,3 +239,130 @@ def mask_tokens(
     use_random = chosen & (action_draw >= 0.8) & (action_draw < 0.9)
     masked_ids[use_random] = random_tokens[use_random]
     return masked_ids, labels
+
+
+# ---- BLIP-2 and SigLIP ---------------------------------------------------------------
+
+
+def seeded_generator(mask_seed: int, stream: int) -> torch.Generator:
+    """Return a CPU generator for one random stream of ``mask_seed``, identical on every device.
+
+    Streams with different numbers are independent, so one step's MLM mask and ITM negatives
+    can each be replayed on their own.
+    """
+    seed = np.random.SeedSequence([mask_seed % 2**64, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+def itc_loss_from_logits(logits: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """Compute the symmetric InfoNCE loss of image-to-text logits ``[B, B]``.
+
+    The targets are those of :func:`itc_loss`: uniform over the pairs that share the row's
+    image_id. Use this form when the logits are not a plain dot product, as with BLIP-2's
+    maximum over query similarities.
+
+    :param logits: image-to-text logits ``[B, B]``, already divided by the temperature
+    :param image_ids: int64 ``[B]``
+    :return: float32 scalar, the mean of the image-to-text and text-to-image losses
+    """
+    batch_size = image_ids.shape[0]
+    if tuple(logits.shape) != (batch_size, batch_size):
+        raise ModelError(
+            f"itc_loss_from_logits needs [B, B] logits for B={batch_size} image_ids, "
+            f"got {tuple(logits.shape)}"
+        )
+    with _no_autocast(logits):
+        logits = logits.float()
+        positives = positive_mask(image_ids.to(logits.device)).float()
+        targets = positives / positives.sum(dim=1, keepdim=True)
+        loss_i2t = -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+        loss_t2i = -(F.log_softmax(logits.t(), dim=1) * targets).sum(dim=1).mean()
+        return (loss_i2t + loss_t2i) / 2
+
+
+def max_query_similarity(query_embed: torch.Tensor, text_embed: torch.Tensor) -> torch.Tensor:
+    """Compute BLIP-2's image-text similarity: the maximum over an image's query embeddings.
+
+    :param query_embed: L2-normalised query embeddings ``[N_images, Q, d]``
+    :param text_embed: L2-normalised text embeddings ``[N_texts, d]``
+    :return: float32 ``[N_images, N_texts]``, entry (i, j) the largest cosine between a
+        query of image i and caption j
+    """
+    if query_embed.dim() != 3 or text_embed.dim() != 2 or query_embed.shape[2] != text_embed.shape[1]:
+        raise ModelError(
+            f"max_query_similarity needs query_embed [N, Q, d] and text_embed [M, d], "
+            f"got {tuple(query_embed.shape)} and {tuple(text_embed.shape)}"
+        )
+    with _no_autocast(query_embed):
+        similarity = torch.einsum("iqd,td->iqt", query_embed.float(), text_embed.float())
+        return similarity.max(dim=1).values
+
+
+def causal_lm_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Return next-token labels ``[B, L]``: position t is labelled with token t + 1.
+
+    Positions whose next token is padding, and the last position, get ``IGNORE_INDEX``.
+
+    :param input_ids: int64 ``[B, L]``
+    :param attention_mask: ``[B, L]``, 1 for real tokens
+    """
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    next_is_real = attention_mask[:, 1:].bool()
+    labels[:, :-1] = torch.where(next_is_real, input_ids[:, 1:], labels[:, :-1])
+    return labels
+
+
+def itg_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
+    """Compute the image-grounded text generation (causal language modelling) loss in float32.
+
+    :param logits: ``[..., V]`` next-token logits
+    :param labels: int64 ``[...]``, ``IGNORE_INDEX`` (-100) where no token is predicted
+    :param label_smoothing: share of the target mass spread uniformly over the vocabulary
+        (BLIP-2 uses 0.1)
+    :return: float32 scalar; zero (still attached to ``logits``) when no label is scored
+    """
+    with _no_autocast(logits):
+        logits = logits.float().reshape(-1, logits.shape[-1])
+        labels = labels.reshape(-1)
+        if not bool((labels != IGNORE_INDEX).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(
+            logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
+        )
+
+
+def sigmoid_loss(
+    image_embed: torch.Tensor,
+    text_embed: torch.Tensor,
+    image_ids: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    logit_bias: torch.Tensor | float,
+) -> torch.Tensor:
+    """Compute SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023, arXiv 2303.15343).
+
+    Every image-caption pair of the batch is a binary problem with logit
+    ``exp(logit_scale) * cos + logit_bias`` and label +1 when the two share an image_id,
+    -1 otherwise. The loss is the sum of ``-log sigmoid(label * logit)`` over all B * B
+    pairs divided by B, as in the paper.
+
+    :param image_embed: L2-normalised image embeddings ``[B, d]``
+    :param text_embed: L2-normalised text embeddings ``[B, d]``
+    :param image_ids: int64 ``[B]``
+    :param logit_scale: log of the temperature t (the paper's t'), scalar tensor or float
+    :param logit_bias: the bias b, scalar tensor or float
+    :return: float32 scalar
+    """
+    if image_embed.shape != text_embed.shape or image_embed.shape[0] != image_ids.shape[0]:
+        raise ModelError(
+            f"sigmoid_loss needs image_embed and text_embed of equal shape [B, d] and B "
+            f"image_ids, got {tuple(image_embed.shape)}, {tuple(text_embed.shape)}, "
+            f"{tuple(image_ids.shape)}"
+        )
+    with _no_autocast(image_embed):
+        scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=image_embed.device)
+        bias = torch.as_tensor(logit_bias, dtype=torch.float32, device=image_embed.device)
+        logits = image_embed.float() @ text_embed.float().t() * scale.exp() + bias
+        labels = 2.0 * positive_mask(image_ids.to(logits.device)).float() - 1.0
+        return -F.logsigmoid(labels * logits).sum() / image_ids.shape[0]

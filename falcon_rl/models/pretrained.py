@@ -1,10 +1,12 @@
-"""Loading of pretrained transformers models and tokenizers with errors that say how to fix them."""
+"""Loading of pretrained transformers models and tokenizers, with errors that name the fix."""
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from falcon_rl.models.base import ModelError
 
@@ -26,6 +28,24 @@ def resolve_name_or_path(name_or_path: str) -> str:
     return name_or_path
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' per-load weight report and progress bar; the unused keys it lists
+    (the sentence encoder's pooler) are expected here, and real failures still raise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_pretrained(model_class: type, name_or_path: str, field: str, **kwargs: Any) -> Any:
     """Load ``model_class.from_pretrained(name_or_path)``, raising ModelError on failure.
 
@@ -36,7 +56,8 @@ def load_pretrained(model_class: type, name_or_path: str, field: str, **kwargs: 
     if looks_like_path and not Path(resolved).is_dir():
         raise ModelError(f"{field}={name_or_path!r} is not a folder with model weights")
     try:
-        model = model_class.from_pretrained(resolved, **kwargs)
+        with _quiet_transformers():
+            model = model_class.from_pretrained(resolved, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelError(
             f"could not load {field}={name_or_path!r} ({error.__class__.__name__}). Without "
