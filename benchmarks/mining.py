@@ -21,12 +21,12 @@ B = 128 (64 anchors), top-K = 16 candidates. Builders:
   the CPU cache: the fastest the products can run.
 
 Timing: every builder is warmed up, then measured in ``--repeats`` rounds
-whose order rotates; a measurement times consecutive batches (greedy: whole
-search spaces) of a freshly constructed builder, construction excluded. The
+whose order rotates. A measurement times consecutive batches (greedy: whole
+search spaces) of a freshly constructed builder, without its construction. The
 table reports medians. ``epoch_seconds`` is measured over a whole epoch where
-``epoch_seconds_extrapolated`` is false; otherwise it is the median seconds
-per pair times N (the last batches of an epoch search fewer pairs, so the
-extrapolation slightly overestimates).
+``epoch_seconds_extrapolated`` is false. Otherwise it is the median seconds
+per pair times N. The last batches of an epoch search fewer pairs, so the
+extrapolation slightly overestimates.
 
 Run from the repository root: ``python -m benchmarks.mining --quick --output mining.json``.
 """
@@ -37,6 +37,7 @@ import argparse
 import gc
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     set_threads(args.threads)
+    started = time.perf_counter()
     rows = []
     for n_pairs in args.sizes:
         logger.info("measuring a bank of %d pairs", n_pairs)
@@ -315,6 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "captions_per_image": CAPTIONS_PER_IMAGE, "bank_dtype": args.bank_dtype,
                     "repeats": args.repeats, "quick": args.quick},
         **summary(rows, args.backend, args.sizes),
+        "wall_seconds": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(),
         "peak_memory_source": "resource.getrusage(RUSAGE_SELF).ru_maxrss, whole process",
         "hardware": hardware(),

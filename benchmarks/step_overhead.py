@@ -16,9 +16,9 @@ take turns in blocks of ``--steps`` steps for ``--rounds`` rounds, in
 rotating order. Reported ratios are of medians over the timed steps:
 
 - ``policy_overhead_ratio``: the scheduler's own cost, paired within the
-  ppo steps: (step + scheduler cost) / step, where the step excludes the time
-  inside ``act`` and ``observe`` and the scheduler cost is their mean time on
-  steps without a PPO update plus the update's time divided by the rollout
+  ppo steps: (step + scheduler cost) / step. Here the step excludes the time
+  inside ``act`` and ``observe``. The scheduler cost is their mean time on
+  steps without a PPO update, plus the update's time divided by the rollout
   length (8 steps). The update is timed on a separate PPO scheduler fed
   random observations, because few timed steps contain one.
   ``policy_overhead_ratio_between_runs`` is ppo step / hardest step (medians),

@@ -511,7 +511,7 @@ PLUGIN_SOURCE = textwrap.dedent(
 
 
 def test_registry_lists_all_builtins() -> None:
-    expected = {"ppo", "a2c", "dqn", "random", "hardest", "fixed", "hardening", "softening",
+    expected = {"ppo", "a2c", "dqn", "random", "hardest", "mafa-filter", "fixed", "hardening", "softening",
                 "ucb", "exp3", "thompson", "linucb"}
     assert set(SCHEDULERS) == expected
 

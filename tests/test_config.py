@@ -13,7 +13,7 @@ def test_config_defaults_validate():
 
 
 def test_config_rejects_value_outside_choices():
-    with pytest.raises(ConfigError, match=r"invalid value for reward: 'loss' \(allowed: mlm_gain"):
+    with pytest.raises(ConfigError, match=r"invalid value for reward: 'loss' \(allowed: auto, mlm_gain"):
         TrainConfig.from_dict({"reward": "loss"})
 
 
@@ -46,3 +46,16 @@ def test_config_from_yaml_rejects_non_mapping(tmp_path):
     path.write_text("- a\n- b\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         TrainConfig.from_yaml(path)
+
+
+def test_config_auto_reward_follows_framework():
+    assert TrainConfig(framework="siglip").reward == "itc_gain"
+
+
+def test_config_mafa_filter_turns_on_itm_filter():
+    assert TrainConfig(scheduler="mafa-filter").fn_filter_threshold() == 0.5
+
+
+def test_config_rejects_malformed_fn_filter():
+    with pytest.raises(ConfigError, match="invalid value for fn_filter: 'itm:high'"):
+        TrainConfig(fn_filter="itm:high")

@@ -96,7 +96,8 @@ def test_sigmoid_loss_gradient_reaches_scale_and_bias():
     bias = torch.tensor(-10.0, requires_grad=True)
     embed = F.normalize(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
     sigmoid_loss(embed, embed, torch.arange(4), scale, bias).backward()
-    assert scale.grad is not None and bias.grad is not None
+    assert scale.grad is not None
+    assert bias.grad is not None
 
 
 def test_sigmoid_loss_rejects_shape_mismatch():
@@ -378,7 +379,8 @@ def test_blip2_proxy_loss_rejects_mlm(blip2_step):
 def test_blip2_itm_match_prob_is_probability(blip2_step):
     framework, images, text, _, _ = blip2_step
     probabilities = framework.itm_match_prob(images, text)
-    assert probabilities.shape == (6,) and bool(((probabilities >= 0) & (probabilities <= 1)).all())
+    assert probabilities.shape == (6,)
+    assert bool(((probabilities >= 0) & (probabilities <= 1)).all())
 
 
 def test_blip2_same_seed_same_init():
@@ -424,7 +426,8 @@ def test_siglip_step_loss_matches_sigmoid_loss(siglip_step):
 
 def test_siglip_step_trains_scale_and_bias(siglip_step):
     framework = siglip_step[0]
-    assert framework.logit_scale.grad is not None and framework.logit_bias.grad is not None
+    assert framework.logit_scale.grad is not None
+    assert framework.logit_bias.grad is not None
 
 
 def test_siglip_initial_scale_and_bias(siglip):
@@ -490,7 +493,8 @@ def test_cli_train_writes_metrics(tmp_path, framework):
                  "--output", str(output)])
     assert code == 0
     metrics = json.loads((output / "metrics.json").read_text())
-    assert metrics["status"] == "finished" and metrics["steps"] == 3
+    assert metrics["status"] == "finished"
+    assert metrics["steps"] == 3
 
 
 @pytest.mark.parametrize("option", [["--itm-rerank", "5"], ["--fn-filter", "itm:0.5"]])

@@ -10,7 +10,7 @@ re-adds pairs whose bank rows were written since they were added (tracked
 with :attr:`EmbeddingBank.row_version`).
 
 - ``"ivf"``: ``faiss.IndexIVFFlat`` with inner-product metric, trained on the
-  first pool it sees and retrained after the pool has been replaced
+  first pool it indexes and retrained after the pool has been replaced
   ``retrain_after`` times over, so the coarse centroids follow the drift of
   the embeddings during training. ``nprobe`` of ``nlist`` lists are scanned.
 - ``"hnsw"``: ``faiss.IndexHNSWFlat`` with inner-product metric. HNSW cannot

@@ -33,9 +33,9 @@ class EmbeddingBank:
 
     :param n_pairs: number of training pairs N.
     :param dim: embedding dimension d.
-    :param dtype: storage dtype; ``torch.float16`` halves the memory, and
-        searches convert the rows they read to float32 (one search space at
-        a time), so they always compute in float32.
+    :param dtype: storage dtype; ``torch.float16`` halves the memory.
+        Searches convert the rows they read to float32 (as rows enter the
+        search's key cache), so they always compute in float32.
     :param device: device of the bank's tensors.
     """
 

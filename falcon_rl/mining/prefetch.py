@@ -23,7 +23,7 @@ at step 2 instead (same builder position, same bank), so a run with
 ``background_search`` on and off builds the same batches. Within an epoch the
 order of ``bank.update`` and ``propose`` does not even matter: step t writes
 only rows of pairs that step t placed, and ``propose`` reads only unplaced
-pairs. Across an epoch boundary the new epoch's first search sees the bank
+pairs. Across an epoch boundary, the new epoch's first search reads the bank
 before the last step's update in both modes.
 
 The worker shares the CPU with the training step. On a GPU run the step

@@ -14,7 +14,7 @@ Backends of the exact (``index="flat"``) search return the same candidates
 up to ties in similarity:
 
 - ``"faiss"``: ``faiss.knn`` brute force on the CPU, or ``faiss.knn_gpu``
-  when the installed faiss sees a GPU.
+  when ``faiss.get_num_gpus()`` finds a GPU.
 - ``"torch"``: blocked matrix products and ``topk`` on the keys' device, so
   no ``[A, P]`` matrix larger than one block is ever built.
 
@@ -24,7 +24,7 @@ and torch 2.13 (MKL), the faiss backend built batches 1.5 to 2.4 times slower
 than the torch backend in ``benchmarks/mining.py`` (see docs/benchmarks.md).
 
 ``index="ivf"`` or ``"hnsw"`` keeps an approximate FAISS index of the search
-space across batches instead (see :mod:`falcon_rl.mining.approximate`); it
+space across batches instead (see :mod:`falcon_rl.mining.approximate`). It
 trades exactness for speed when the search space is large.
 """
 

@@ -7,9 +7,9 @@ Q-Former together:
 * ITC: each query is projected and compared with the caption's [CLS] embedding, and the
   image-text similarity is the maximum over the queries. Queries and text do not see each
   other (unimodal mask).
-* ITM: queries and text attend to each other (bidirectional mask); a linear head on every
-  query output, averaged over the queries, classifies match or not, with in-batch hard
-  negatives drawn from the ITC similarities.
+* ITM: queries and text attend to each other (bidirectional mask). A linear head on every
+  query output, averaged over the queries, classifies match or not. Hard negatives are
+  drawn from the batch by their ITC similarity.
 * ITG: the caption is generated from the queries with a causal mask on the text; the
   first token is replaced by a decoder-start token ([DEC]).
 """
@@ -55,6 +55,7 @@ from falcon_rl.models.qformer import QFormer, load_bert_weights
 logger = logging.getLogger(__name__)
 
 PROXY_LOSSES = ("itc", "itm", "itg")
+TEXT_POOLINGS = ("cls", "mean")
 TEMPERATURE_RANGE = (0.001, 0.5)
 
 # Random stream of mask_seed that draws the ITM negatives.
@@ -86,6 +87,9 @@ class BLIP2Config:
     :param tokenizer: tokenizer folder or hub name; None means ``qformer_pretrained``, or the
         offline MiniLM tokenizer when that is None too
     :param max_text_length: tokens per caption, [CLS] and [SEP] included
+    :param text_pooling: text ITC embedding from the ``"cls"`` output (BLIP-2's choice) or
+        the ``"mean"`` over real tokens, which is already diverse at initialisation while
+        [CLS] outputs of a random or partly loaded Q-Former are nearly identical
     :param embed_dim: ITC embedding dimension
     :param temperature: initial ITC temperature, learned and clamped to [0.001, 0.5]
     :param itg_label_smoothing: label smoothing of the ITG loss (BLIP-2 uses 0.1)
@@ -109,6 +113,7 @@ class BLIP2Config:
     cross_attention_every: int = 1
     tokenizer: str | None = None
     max_text_length: int = 32
+    text_pooling: str = "cls"
     embed_dim: int = 256
     temperature: float = 0.07
     itg_label_smoothing: float = 0.1
@@ -133,6 +138,8 @@ class BLIP2Config:
 
     def validate(self) -> None:
         """Raise ModelError naming the first invalid field."""
+        if self.text_pooling not in TEXT_POOLINGS:
+            _invalid("text_pooling", self.text_pooling, ", ".join(TEXT_POOLINGS))
         positive = ("image_size", "image_width", "image_layers", "image_heads", "image_patch_size",
                     "qformer_layers", "qformer_hidden", "qformer_heads", "num_queries",
                     "cross_attention_every", "max_text_length", "embed_dim")
@@ -229,8 +236,9 @@ class BLIP2(VLPFramework):
                 )
         self.decoder_start_id = vocab_size
         qformer = QFormer(
-            config.num_queries, width, config.qformer_layers, heads, ffn_dim, self.image_encoder.width,
-            config.cross_attention_every, vocab_size + 1, config.max_text_length, config.dropout,
+            config.num_queries, width, config.qformer_layers, heads, ffn_dim,
+            self.image_encoder.width, config.cross_attention_every, vocab_size + 1,
+            config.max_text_length, config.dropout,
         )
         if bert is not None:
             load_bert_weights(qformer, bert)
@@ -277,7 +285,12 @@ class BLIP2(VLPFramework):
 
     def _text_embedding(self, text: TextBatch) -> torch.Tensor:
         hidden = self.qformer(None, text.input_ids, text.attention_mask, "unimodal")
-        return F.normalize(self.text_proj(hidden[:, 0]).float(), dim=-1)
+        if self.config.text_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = text.attention_mask.to(hidden.dtype).unsqueeze(-1)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     @staticmethod
     def _single_image_embedding(query_embed: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 A BERT-style encoder over one joint sequence: learned query tokens first, caption tokens
 after them. Queries and text share the self-attention layers, and the attention mask
-decides who sees whom (:func:`qformer_attention_mask`). Only the queries cross-attend to
+(:func:`qformer_attention_mask`) selects which positions attend to which. Only the queries cross-attend to
 the frozen image encoder's features, and queries and text have separate feed-forward
 blocks. The layers are written here because transformers has no Q-Former with text input:
 its ``Blip2QFormerModel`` takes query embeddings only.

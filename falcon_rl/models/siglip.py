@@ -134,7 +134,7 @@ class SigLIP(VLPFramework):
 
     The image embedding is the projection of the image encoder's first token (the CNN's
     summary token or the ViT's [CLS]); the text embedding pools the text encoder's output
-    as ``text_pooling`` says. The sigmoid loss is reported and used as a reward proxy under
+    as ``text_pooling`` selects. The sigmoid loss is reported and used as a reward proxy under
     the name ``"itc"``.
 
     :param config: validated settings; build one with

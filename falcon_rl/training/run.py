@@ -46,7 +46,7 @@ LOSS_EMA_DECAY = 0.9
 
 @dataclass
 class StepResult:
-    """What one training step returns to the scheduler's loop."""
+    """Result of one training step, handed to the scheduler's loop."""
 
     reward: float
     anchor_rewards: np.ndarray
@@ -353,18 +353,18 @@ class TrainingRun:
     def _record_nonfinite(self, losses: dict[str, float]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler.is_enabled():
-            # The scaler lowers its scale when it sees inf gradients; that is its normal path.
+            # Lowering the loss scale after inf gradients is the fp16 scaler's normal recovery path.
             self.scaler.update()
         self.skipped_steps += 1
         self.consecutive_nonfinite += 1
-        what = "loss" if not math.isfinite(losses["total"]) else "gradients"
+        source = "loss" if not math.isfinite(losses["total"]) else "gradients"
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
-        logger.warning("step %d skipped: non-finite %s (%s)", self.step_count + 1, what, ", ".join(bad) or what)
+        logger.warning("step %d skipped: non-finite %s (%s)", self.step_count + 1, source, ", ".join(bad) or source)
 
     def _nonfinite_message(self, losses: dict[str, float]) -> str:
-        what = "loss" if not math.isfinite(losses["total"]) else "gradients"
+        source = "loss" if not math.isfinite(losses["total"]) else "gradients"
         bad = [name for name, value in losses.items() if not math.isfinite(value)]
-        return (f"{self.consecutive_nonfinite} consecutive steps had non-finite {what} ({', '.join(bad) or what}); "
+        return (f"{self.consecutive_nonfinite} consecutive steps had non-finite {source} ({', '.join(bad) or source}); "
                 f"the learning rate ({self.config.lr}) may be too high")
 
     def _update_loss_features(self, loss: float) -> None:
