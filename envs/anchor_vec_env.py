@@ -95,7 +95,7 @@ class AnchorMiningVecEnv(VecEnv):
         return observation, result.anchor_rewards.copy(), dones, infos
 
     def close(self) -> None:
-        pass
+        self.run.close()
 
     def seed(self, seed: int | None = None) -> Sequence[None | int]:
         if seed is not None:

@@ -101,6 +101,10 @@ class NegativeMiningEnv(gym.Env):
         self._started = True
         return batch_observation(anchors), {"seed": run_seed, "total_steps": self.run.total_steps}
 
+    def close(self) -> None:
+        self.run.close()
+        super().close()
+
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if not self._started:
             raise gym.error.ResetNeeded("call reset() before step()")

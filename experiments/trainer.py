@@ -128,6 +128,7 @@ class Trainer:
             finally:
                 self.logger.close()
         finally:
+            self.run.close()
             self._restore_signal_handlers(previous_handlers)
 
     # -- setup --------------------------------------------------------------

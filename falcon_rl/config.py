@@ -65,6 +65,8 @@ class TrainConfig:
     search_space: int = _field(1024, "Unplaced pairs, in epoch order, that an anchor's negatives come from.")
     top_k: int = _field(16, "Candidates per anchor returned by the nearest-neighbour search.")
     search_backend: str = _field("faiss", "Nearest-neighbour search backend.", ("faiss", "torch"))
+    background_search: bool = _field(True, "Search the next step's candidates in a background thread while the "
+                                           "current step trains; the batches are the same as with inline search.")
     bank_init: str = _field("encode", "'encode': fill the embedding bank with one pass over the training "
                                       "set at the start; 'random': random unit vectors.", ("encode", "random"))
     fn_filter: str | None = _field(None, "MAFA-style false-negative filter 'itm:THRESHOLD': candidates whose ITM "
@@ -75,7 +77,7 @@ class TrainConfig:
                                                        "with the anchor's caption is at least this value.")
 
     # Optimisation
-    steps: int | None = _field(None, "Optimizer steps to train (default: 250 when --epochs is not given).")
+    steps: int | None = _field(None, "Optimizer steps to train (default: 200 when --epochs is not given).")
     epochs: float | None = _field(None, "Epochs to train, converted to steps from the epoch length.")
     lr: float = _field(3e-4, "Peak AdamW learning rate.")
     weight_decay: float = _field(0.02, "AdamW weight decay.")
@@ -184,7 +186,7 @@ class TrainConfig:
         return DEFAULT_STEPS
 
 
-DEFAULT_STEPS = 250
+DEFAULT_STEPS = 200
 MAFA_DEFAULT_THRESHOLD = 0.5
 DEFAULT_REWARDS = {"albef": "mlm_gain", "blip2": "itg_gain", "siglip": "itc_gain"}
 

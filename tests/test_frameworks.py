@@ -3,16 +3,20 @@ step each, and short command-line runs."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
 from experiments.cli import main
+from falcon_rl.config import TrainConfig
+from falcon_rl.evaluation import evaluate_retrieval, retrieval_metrics
 from falcon_rl.models import ModelError, TextBatch, build_framework, list_presets
 from falcon_rl.models.blip2 import BLIP2Config
 from falcon_rl.models.factory import load_preset
@@ -28,6 +32,7 @@ from falcon_rl.models.losses import (
 from falcon_rl.models.pretrained import OFFLINE_MINILM, resolve_name_or_path
 from falcon_rl.models.qformer import qformer_attention_mask
 from falcon_rl.models.siglip import SigLIPConfig
+from falcon_rl.training import TrainingRun
 
 CLS, SEP = 101, 102
 FAST = ["--preset", "test", "--batch-size", "16", "--search-space", "128", "--top-k", "8", "--steps", "3",
@@ -431,7 +436,8 @@ def test_siglip_step_trains_scale_and_bias(siglip_step):
 
 
 def test_siglip_initial_scale_and_bias(siglip):
-    assert (siglip.logit_scale.exp().item(), siglip.logit_bias.item()) == pytest.approx((10.0, -10.0))
+    assert siglip.logit_scale.exp().item() == pytest.approx(10.0)
+    assert siglip.logit_bias.item() == pytest.approx(-4.0)
 
 
 def test_siglip_step_embeddings_are_normalised(siglip_step):
@@ -455,6 +461,91 @@ def test_siglip_proxy_loss_rejects_itm(siglip_step):
     framework, images, text, image_ids, _ = siglip_step
     with pytest.raises(ModelError, match="itc"):
         framework.proxy_loss("itm", images, text, image_ids, mask_seed=0)
+
+
+# ---- pooling, evaluation, reward and resume -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["blip2", "siglip"])
+def test_mean_pooled_text_ignores_padding(name):
+    torch.manual_seed(0)
+    framework = build_framework(name, "test", text_pooling="mean").eval()
+    text = make_text(3, length=10)
+    short = TextBatch(text.input_ids[:1, :6], text.attention_mask[:1, :6])
+    with torch.no_grad():
+        in_batch = framework.embed_texts(text)[:1]
+        alone = framework.embed_texts(short)
+    assert torch.allclose(in_batch, alone, atol=1e-5)
+
+
+def test_blip2_evaluation_ranks_by_max_over_queries(blip2, embedded_splits):
+    from falcon_rl.data import load_tokenizer, tokenize
+
+    pairs = embedded_splits["test"]
+    tokenizer = load_tokenizer(blip2.tokenizer_path)
+    metrics = evaluate_retrieval(blip2, pairs, tokenizer, "cpu")
+    blip2.eval()
+    with torch.no_grad():
+        queries = blip2.retrieval_image_features(blip2.preprocess_images(pairs.images))
+        input_ids, attention_mask = tokenize(tokenizer, pairs.captions, blip2.max_text_length)
+        text_embed = blip2.embed_texts(TextBatch(input_ids, attention_mask))
+    expected = retrieval_metrics(max_query_similarity(queries, text_embed), pairs.image_ids, pairs.human_matches)
+    blip2.train()
+    assert metrics["rsum"] == pytest.approx(expected["rsum"])
+
+
+def make_config(framework: str, **changes) -> TrainConfig:
+    values = dict(framework=framework, preset="test", batch_size=16, search_space=128, top_k=8, steps=4,
+                  eval_every=0, progress=False, scheduler="hardest", warmup_steps=0)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+@pytest.mark.parametrize("framework, proxy", [("blip2", "itg"), ("siglip", "itc")])
+def test_run_default_reward_is_proxy_gain(embedded_splits, framework, proxy):
+    run = TrainingRun(make_config(framework), embedded_splits)
+    run.reset(0)
+    losses = run.step(np.ones(8, dtype=np.float32)).info["losses"]
+    assert f"{proxy}_after" in losses
+
+
+@pytest.mark.parametrize("framework", ["blip2", "siglip"])
+def test_run_resume_repeats_next_step(embedded_splits, framework):
+    hardness = np.ones(8, dtype=np.float32)
+    reference = TrainingRun(make_config(framework), embedded_splits)
+    reference.reset(0)
+    for _ in range(2):
+        reference.step(hardness)
+    state = copy.deepcopy(reference.state_dict())
+    expected = reference.step(hardness).info["losses"]
+
+    restored = TrainingRun(make_config(framework), embedded_splits)
+    restored.load_state_dict(state)
+    losses = restored.step(hardness).info["losses"]
+    assert losses == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("framework", ["blip2", "siglip"])
+def test_batch_env_passes_check_env(embedded_splits, framework):
+    from gymnasium.utils.env_checker import check_env
+
+    from envs import NegativeMiningEnv
+
+    env = NegativeMiningEnv(splits=embedded_splits, framework=framework, preset="test", batch_size=16,
+                            search_space=128, top_k=8, steps=4, eval_every=0)
+    check_env(env, skip_render_check=True)
+
+
+@pytest.mark.parametrize("framework", ["blip2", "siglip"])
+def test_anchor_vec_env_steps(embedded_splits, framework):
+    from envs import AnchorMiningVecEnv
+
+    env = AnchorMiningVecEnv(splits=embedded_splits, framework=framework, preset="test", batch_size=16,
+                             search_space=128, top_k=8, steps=4, eval_every=0)
+    env.reset()
+    env.step_async(np.full(env.num_envs, 5))
+    _, rewards, _, _ = env.step_wait()
+    assert rewards.shape == (8,)
 
 
 # ---- factory and presets ------------------------------------------------------------------

@@ -109,3 +109,16 @@ def test_run_evaluate_reports_chance_level(test_config, embedded_splits):
     run.reset(0)
     metrics = run.evaluate("test")
     assert math.isfinite(metrics["chance_rsum"]) and metrics["chance_rsum"] > 0
+
+
+def test_background_search_matches_inline_search(test_config, embedded_splits):
+    results = {}
+    for background in (True, False):
+        run = make_run(test_config, embedded_splits, background_search=background, steps=5)
+        run.reset(0)
+        steps = [run.step(np.full(8, q, dtype=np.float32)) for q in (1.0, 0.0, 0.5, 1.0, 0.2)]
+        results[background] = steps
+        run.close()
+    for with_thread, inline in zip(results[True], results[False]):
+        np.testing.assert_array_equal(with_thread.observation, inline.observation)
+        assert with_thread.reward == inline.reward

@@ -65,7 +65,10 @@ class SigLIPConfig:
     :param max_text_length: tokens per caption, [CLS] and [SEP] included
     :param embed_dim: embedding dimension of both towers
     :param logit_scale: initial temperature t; the model learns log t (SigLIP starts at 10)
-    :param logit_bias: initial bias b (SigLIP starts at -10)
+    :param logit_bias: initial bias b. SigLIP starts at -10 for batches of thousands. The
+        prior log-odds of a positive in a batch of B, about -log(B - 1), suits small
+        batches and short runs better (-4 for B = 64), because b moves little in a few
+        hundred steps
     :param dropout: dropout probability in every encoder
     """
 

@@ -24,6 +24,7 @@ from falcon_rl.config import ConfigError, TrainConfig
 from falcon_rl.data import ImageTextPairs, load_splits, load_tokenizer, tokenize
 from falcon_rl.evaluation import evaluate_retrieval
 from falcon_rl.mining import (
+    BackgroundSearch,
     OBS_HIGH,
     OBS_LOW,
     SIMILARITY_FEATURE_NAMES,
@@ -125,6 +126,8 @@ class TrainingRun:
         self.oracle = FalseNegativeOracle(self.train_pairs, sentence_threshold=config.fn_sentence_threshold)
         self.uses_mining = True
         self._filtered_count = 0
+        self._new_embeddings: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
+        self.search: BackgroundSearch | None = None
         self._initialised = False
 
     # -- construction -------------------------------------------------------
@@ -173,6 +176,7 @@ class TrainingRun:
             self._fill_bank_random(seed)
         self.builder = BatchBuilder(self.train_pairs.image_ids, self.config.batch_size, self.search_space,
                                     self.config.top_k, seed, backend=self.config.search_backend)
+        self._start_search_thread()
 
         self.step_count = 0
         self.skipped_steps = 0
@@ -194,13 +198,18 @@ class TrainingRun:
                 images = self.framework.preprocess_images(pairs.images[start:start + batch].to(self.device))
                 image_embeds.append(self.framework.embed_images(images).float())
             image_embed = torch.cat(image_embeds)[torch.as_tensor(pairs.image_ids)]
+            # Captions go in order of length, so each chunk pads to a similar length and the
+            # encoder skips most padding; the rows are put back in pair order afterwards.
+            order = torch.argsort(self.attention_mask.sum(dim=1), stable=True)
             text_embeds = []
             for start in range(0, len(pairs), batch):
-                text = TextBatch(self.input_ids[start:start + batch].to(self.device),
-                                 self.attention_mask[start:start + batch].to(self.device))
+                chunk = order[start:start + batch]
+                text = TextBatch(self.input_ids[chunk].to(self.device), self.attention_mask[chunk].to(self.device))
                 text_embeds.append(self.framework.embed_texts(text).float())
+        text_embed = torch.empty_like(torch.cat(text_embeds))
+        text_embed[order.to(text_embed.device)] = torch.cat(text_embeds)
         indices = np.arange(len(pairs))
-        self.bank.update(indices, image_embed, torch.cat(text_embeds))
+        self.bank.update(indices, image_embed, text_embed)
 
     def _fill_bank_random(self, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -208,6 +217,17 @@ class TrainingRun:
         image = torch.nn.functional.normalize(torch.randn(shape, generator=generator), dim=-1)
         text = torch.nn.functional.normalize(torch.randn(shape, generator=generator), dim=-1)
         self.bank.fill(image.to(self.device), text.to(self.device))
+
+    def _start_search_thread(self) -> None:
+        if self.search is not None:
+            self.search.close()
+        self.search = BackgroundSearch(self.builder) if self.config.background_search else None
+
+    def close(self) -> None:
+        """Stop the background search thread, if any."""
+        if self.search is not None:
+            self.search.close()
+            self.search = None
 
     # -- observation --------------------------------------------------------
 
@@ -237,15 +257,25 @@ class TrainingRun:
         if not self._initialised:
             raise RuntimeError("call reset() before step()")
         batch = self._next_batch(hardness)
-        losses, reward, updated = self._train_on(batch)
+        next_proposal = self._start_next_proposal()
+        try:
+            losses, reward, updated = self._train_on(batch)
+        finally:
+            if self.search is not None and self.search.pending:
+                next_proposal = self.search.result()
+        if self._new_embeddings is not None:
+            # The bank changes only after the next proposal is in, so background and inline
+            # search read the same bank: the one from before this step.
+            self.bank.update(*self._new_embeddings)
+            self._new_embeddings = None
 
         fn_labels = self._label_false_negatives(batch)
         self.step_count += 1
         terminated = self.step_count >= self.total_steps
         if self.builder.epoch_finished:
             self.builder.start_next_epoch()
-        if self.uses_mining and not terminated:
-            self.proposal = self.builder.propose(self.bank)
+        if next_proposal is not None:
+            self.proposal = next_proposal
 
         info = self._step_info(batch, losses, reward, updated, fn_labels)
         anchor_rewards = np.full(self.n_anchors, reward, dtype=np.float32)
@@ -255,6 +285,15 @@ class TrainingRun:
         if not updated and self.consecutive_nonfinite >= self.config.max_nonfinite_steps:
             raise NonFiniteError(self._nonfinite_message(losses), result)
         return result
+
+    def _start_next_proposal(self) -> Proposal | None:
+        """Search the next step's candidates, in the background when enabled (then it returns None)."""
+        if not self.uses_mining or self.step_count + 1 >= self.total_steps:
+            return None
+        if self.search is not None:
+            self.search.submit(self.bank)
+            return None
+        return self.builder.propose(self.bank)
 
     def _next_batch(self, hardness: np.ndarray | None) -> MinedBatch:
         if not self.uses_mining:
@@ -327,7 +366,7 @@ class TrainingRun:
             self.lr_schedule.step()
             self.consecutive_nonfinite = 0
             # Only finite embeddings refresh the bank, so one bad step cannot poison mining.
-            self.bank.update(batch.pair_indices, output.image_embed.float(), output.text_embed.float())
+            self._new_embeddings = (batch.pair_indices, output.image_embed.float(), output.text_embed.float())
         else:
             self._record_nonfinite(losses)
             return losses, 0.0, False
@@ -469,4 +508,5 @@ class TrainingRun:
         self.bank = EmbeddingBank(len(self.train_pairs), self.framework.embed_dim, device=self.device)
         self.builder = BatchBuilder(self.train_pairs.image_ids, self.config.batch_size, self.search_space,
                                     self.config.top_k, seed, backend=self.config.search_backend)
+        self._start_search_thread()
         self._initialised = True
