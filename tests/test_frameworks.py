@@ -526,17 +526,6 @@ def test_run_resume_repeats_next_step(embedded_splits, framework):
 
 
 @pytest.mark.parametrize("framework", ["blip2", "siglip"])
-def test_batch_env_passes_check_env(embedded_splits, framework):
-    from gymnasium.utils.env_checker import check_env
-
-    from envs import NegativeMiningEnv
-
-    env = NegativeMiningEnv(splits=embedded_splits, framework=framework, preset="test", batch_size=16,
-                            search_space=128, top_k=8, steps=4, eval_every=0)
-    check_env(env, skip_render_check=True)
-
-
-@pytest.mark.parametrize("framework", ["blip2", "siglip"])
 def test_anchor_vec_env_steps(embedded_splits, framework):
     from envs import AnchorMiningVecEnv
 

@@ -194,7 +194,9 @@ class BLIP2(VLPFramework):
         self.tokenizer_path = resolve_name_or_path(
             config.tokenizer or config.qformer_pretrained or OFFLINE_MINILM
         )
-        tokenizer_field = "qformer_pretrained" if config.tokenizer is None else "tokenizer"
+        # Name the setting the tokenizer came from, so a load error points at the right one.
+        from_checkpoint = config.tokenizer is None and config.qformer_pretrained is not None
+        tokenizer_field = "qformer_pretrained" if from_checkpoint else "tokenizer"
         tokenizer = load_pretrained(AutoTokenizer, self.tokenizer_path, tokenizer_field)
 
         self.image_encoder = ViTEncoder(

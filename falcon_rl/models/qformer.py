@@ -4,8 +4,8 @@ A BERT-style encoder over one joint sequence: learned query tokens first, captio
 after them. Queries and text share the self-attention layers, and the attention mask
 (:func:`qformer_attention_mask`) selects which positions attend to which. Only the queries cross-attend to
 the frozen image encoder's features, and queries and text have separate feed-forward
-blocks. The layers are written here because transformers has no Q-Former with text input:
-its ``Blip2QFormerModel`` takes query embeddings only.
+blocks. The layers are written here so that the three attention masks are explicit and a
+BERT-style checkpoint loads into them by parameter name.
 """
 
 from __future__ import annotations
@@ -220,6 +220,7 @@ class QFormer(nn.Module):
                 f"qformer_heads={num_heads} does not divide the Q-Former width {width}; "
                 f"allowed values: divisors of {width}"
             )
+
         self.num_queries = num_queries
         self.width = width
         self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, width))
@@ -228,14 +229,16 @@ class QFormer(nn.Module):
         self.token_type = nn.Parameter(torch.zeros(width))
         self.embedding_norm = nn.LayerNorm(width, eps=1e-12)
         self.embedding_dropout = nn.Dropout(dropout)
+
         self.layers = nn.ModuleList(
             QFormerLayer(width, num_heads, ffn_dim, image_width, index % cross_attention_every == 0, dropout)
             for index in range(num_layers)
         )
+
         self.apply(init_bert_style)
         # NOTE: BERT's N(0, 0.02) init leaves the image's share of a query state near 1% (two
         # small matrices in series), so a short run barely learns to read the image.
-        # Xavier-uniform cross-attention weights start it several times larger.
+        # Xavier-uniform weights are about 4 times larger at the tiny preset's widths.
         for layer in self.layers:
             if layer.cross_attention is not None:
                 attention = layer.cross_attention
@@ -295,10 +298,10 @@ class QFormer(nn.Module):
 def load_bert_weights(qformer: QFormer, bert: PreTrainedModel) -> None:
     """Initialise the Q-Former's text path from the lowest layers of a BERT-style encoder.
 
-    Word, position and token-type-0 embeddings, the embedding LayerNorm, and each layer's
-    self-attention and feed-forward block are copied; the query feed-forward block starts as
-    a copy of the text one, as in BLIP-2. Query tokens, cross-attention and the embedding
-    rows beyond the checkpoint's vocabulary keep their random initialisation.
+    The copy covers the word, position and token-type-0 embeddings, the embedding LayerNorm,
+    and each layer's self-attention and feed-forward block. The query feed-forward block
+    starts as a copy of the text one, as in BLIP-2. Query tokens, cross-attention and the
+    embedding rows beyond the checkpoint's vocabulary keep their random initialisation.
 
     :param qformer: a Q-Former whose width, heads, feed-forward size and layer count fit
         in the checkpoint
@@ -307,6 +310,13 @@ def load_bert_weights(qformer: QFormer, bert: PreTrainedModel) -> None:
     """
     state = bert.state_dict()
     config = bert.config
+    expected = ("embeddings.word_embeddings.weight", "encoder.layer.0.attention.self.query.weight")
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise ModelError(
+            f"qformer_pretrained={config.name_or_path!r} is not a BERT-style encoder: its weights "
+            f"lack {', '.join(missing)}; use a BERT or MiniLM checkpoint"
+        )
     checkpoint_layers = int(config.num_hidden_layers)
     if len(qformer.layers) > checkpoint_layers:
         raise ModelError(

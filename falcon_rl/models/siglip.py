@@ -158,7 +158,9 @@ class SigLIP(VLPFramework):
         self.tokenizer_path = resolve_name_or_path(
             config.tokenizer or config.text_pretrained or OFFLINE_MINILM
         )
-        tokenizer_field = "text_pretrained" if config.tokenizer is None else "tokenizer"
+        # Name the setting the tokenizer came from, so a load error points at the right one.
+        from_checkpoint = config.tokenizer is None and config.text_pretrained is not None
+        tokenizer_field = "text_pretrained" if from_checkpoint else "tokenizer"
         tokenizer = load_pretrained(AutoTokenizer, self.tokenizer_path, tokenizer_field)
 
         self.image_encoder = build_image_encoder(
