@@ -4,8 +4,12 @@ Setting: random unit vectors (image and text independent, d = 256), five
 captions per image (``image_id = pair // 5``), search space S = 4,096, batch
 B = 128 (64 anchors), top-K = 16 candidates. Builders:
 
-- ``builder_q1``: :class:`falcon_rl.mining.BatchBuilder`, propose + select, q = 1 for every anchor.
-- ``builder_mixed_q``: the same with a uniform random q per anchor.
+- ``builder_q1``: :class:`falcon_rl.mining.BatchBuilder`, propose + select,
+  q = 1 for every anchor, at the builder's default search precision
+  (``"auto"``: bfloat16 scores certified and re-scored in float32 where the
+  CPU runs bfloat16 products faster, see :mod:`falcon_rl.mining.certified`).
+- ``builder_q1[torch, float32]``: the same with ``precision="float32"``.
+- ``builder_mixed_q``: the same as ``builder_q1`` with a uniform random q per anchor.
 - ``torch_topk``: :class:`benchmarks.baselines.TorchTopkBuilder`.
 - ``grit_greedy``: :class:`benchmarks.baselines.GreedyGrouping`, GRIT-VLP's grouping.
 - ``bound``: the bare similarity products the builder cannot avoid. Per
@@ -19,6 +23,14 @@ B = 128 (64 anchors), top-K = 16 candidates. Builders:
   builder when a training step runs between two searches.
 - ``bound_cached``: the same products on one operand set, which stays in
   the CPU cache: the fastest the products can run.
+- ``bound_bfloat16``: the same products as ``bound`` in bfloat16, key-major
+  (``[S - A, 2d] x [2d, A]``) as the builder's bfloat16 search computes them.
+  This is the product a bfloat16 search cannot avoid. Its results still need
+  the float32 re-scoring of the candidates, which the bound leaves out.
+
+The certificate counters of the bfloat16 search (``certificate`` in the
+JSON) come from one more run of ``builder_q1`` over the timed batches, outside
+the timing.
 
 Timing: every builder is warmed up, then measured in ``--repeats`` rounds
 whose order rotates. A measurement times consecutive batches (greedy: whole
@@ -56,7 +68,8 @@ from benchmarks.timing import (
     write_json,
 )
 from falcon_rl.mining import BatchBuilder, EmbeddingBank
-from falcon_rl.mining.search import queries_from_keys
+from falcon_rl.mining.certified import bfloat16_matmul_is_faster
+from falcon_rl.mining.search import PRECISIONS, queries_from_keys
 
 logger = logging.getLogger("benchmarks.mining")
 
@@ -85,11 +98,12 @@ def make_bank(n_pairs: int, dtype: torch.dtype, seed: int = SEED) -> EmbeddingBa
 
 
 def builder_task(bank: EmbeddingBank, image_ids: np.ndarray, n_batches: int, mixed: bool,
-                 backend: str) -> Callable[[], float]:
+                 backend: str, precision: str = "auto") -> Callable[[], float]:
     """Return a task that times ``n_batches`` propose + select calls of a fresh BatchBuilder."""
 
     def run() -> float:
-        builder = BatchBuilder(image_ids, BATCH_SIZE, SEARCH_SPACE, TOP_K, SEED, backend=backend)
+        builder = BatchBuilder(image_ids, BATCH_SIZE, SEARCH_SPACE, TOP_K, SEED, backend=backend,
+                               precision=precision)
         rng = np.random.default_rng(SEED)
 
         def batches() -> None:
@@ -139,28 +153,50 @@ def greedy_task(bank: EmbeddingBank, n_spaces: int) -> Callable[[], float]:
     return run
 
 
-def bound_task(bank: EmbeddingBank, n_batches: int, n_buffers: int) -> Callable[[], float]:
+def bound_task(bank: EmbeddingBank, n_batches: int, n_buffers: int, bfloat16: bool = False) -> Callable[[], float]:
     """Return a task that times ``n_batches`` bare ``[A, 2d] x [2d, S - A]`` products on pre-gathered operands.
 
     The products cycle through ``n_buffers`` separate operand sets. With
-    enough of them (16 sets are 128 MiB), every product reads its keys from
-    memory, as the builder's search does when a training step runs between
-    two searches. With one set, the keys stay in the CPU cache.
+    enough of them (16 sets are 128 MiB in float32), every product reads its
+    keys from memory, as the builder's search does when a training step runs
+    between two searches. With one set, the keys stay in the CPU cache. With
+    ``bfloat16``, the operands are bfloat16 and the product is key-major,
+    ``[S - A, 2d] x [2d, A]``, as in the builder's bfloat16 search.
     """
     n_anchors = math.ceil(BATCH_SIZE / 2)
+    dtype = torch.bfloat16 if bfloat16 else torch.float32
     rng = np.random.default_rng(SEED)
     operands = []
     for _ in range(n_buffers):
         rows = rng.permutation(bank.n_pairs)[: min(SEARCH_SPACE, bank.n_pairs)]
-        operands.append((queries_from_keys(bank.keys(rows[:n_anchors])).contiguous(),
-                         bank.keys(rows[n_anchors:]).contiguous()))
+        operands.append((queries_from_keys(bank.keys(rows[:n_anchors])).to(dtype).contiguous(),
+                         bank.keys(rows[n_anchors:]).to(dtype).contiguous()))
 
     def products() -> None:
         for batch in range(n_batches):
             queries, keys = operands[batch % n_buffers]
-            torch.mm(queries, keys.T)
+            if bfloat16:
+                torch.mm(keys, queries.T)
+            else:
+                torch.mm(queries, keys.T)
 
     return lambda: timed(products)
+
+
+def certificate_counts(bank: EmbeddingBank, image_ids: np.ndarray, n_batches: int, backend: str,
+                       precision: str) -> dict[str, Any]:
+    """Return the bfloat16 search's counters over ``n_batches`` batches of a fresh builder at q = 1, with rates."""
+    builder = BatchBuilder(image_ids, BATCH_SIZE, SEARCH_SPACE, TOP_K, SEED, backend=backend, precision=precision)
+    for _ in range(n_batches):
+        batch = builder.select(builder.propose(bank), 1.0)
+        if batch.epoch_end:
+            break
+    counts: dict[str, Any] = builder.search_counts
+    searched = counts["bfloat16_anchors"]
+    counts["full_row_rate"] = counts["full_row_anchors"] / searched if searched else None
+    counts["second_pass_anchor_rate"] = counts["second_pass_anchors"] / searched if searched else None
+    counts["second_pass_keys_per_anchor"] = counts["second_pass_keys"] / searched if searched else None
+    return counts
 
 
 def counted_builder_batches(bank: EmbeddingBank, image_ids: np.ndarray, n_batches: int) -> tuple[int, int]:
@@ -176,8 +212,8 @@ def counted_builder_batches(bank: EmbeddingBank, image_ids: np.ndarray, n_batche
     return batches, placed
 
 
-def measure_bank(n_pairs: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Measure every builder on one bank size; return one table row per builder."""
+def measure_bank(n_pairs: int, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Measure every builder on one bank size; return one table row per builder and the certificate counters."""
     dtype = torch.float16 if args.bank_dtype == "float16" else torch.float32
     bank = make_bank(n_pairs, dtype)
     image_ids = np.arange(n_pairs, dtype=np.int64) // CAPTIONS_PER_IMAGE
@@ -188,25 +224,32 @@ def measure_bank(n_pairs: int, args: argparse.Namespace) -> list[dict[str, Any]]
     n_spaces = spaces_per_epoch if whole_epoch else min(args.spaces, spaces_per_epoch)
 
     other = "faiss" if args.backend == "torch" else "torch"
-    tasks = {
-        f"builder_q1[{args.backend}]": builder_task(bank, image_ids, n_batches, False, args.backend),
-        f"builder_mixed_q[{args.backend}]": builder_task(bank, image_ids, n_batches, True, args.backend),
-        f"builder_q1[{other}]": builder_task(bank, image_ids, n_batches, False, other),
+    builders = {
+        f"builder_q1[{args.backend}]": (False, args.backend, args.precision),
+        f"builder_mixed_q[{args.backend}]": (True, args.backend, args.precision),
+        f"builder_q1[{other}]": (False, other, "auto"),
+    }
+    if args.backend == "torch" and args.precision != "float32":
+        builders["builder_q1[torch, float32]"] = (False, "torch", "float32")
+    tasks = {name: builder_task(bank, image_ids, n_batches, *options) for name, options in builders.items()}
+    tasks.update({
         "torch_topk": topk_task(bank, image_ids, n_batches),
         "grit_greedy": greedy_task(bank, n_spaces),
         "bound": bound_task(bank, n_batches, BOUND_BUFFERS),
         "bound_cached": bound_task(bank, n_batches, 1),
-    }
-    warmups = {
-        name: (greedy_task(bank, 1) if name == "grit_greedy" else
-               bound_task(bank, 3, 1) if name.startswith("bound") else
-               topk_task(bank, image_ids, 3) if name == "torch_topk" else
-               builder_task(bank, image_ids, 3, "mixed" in name, name.split("[")[1].rstrip("]")))
-        for name in tasks
-    }
+        "bound_bfloat16": bound_task(bank, n_batches, BOUND_BUFFERS, bfloat16=True),
+    })
+    warmups = {name: builder_task(bank, image_ids, 3, *options) for name, options in builders.items()}
+    warmups.update({
+        "torch_topk": topk_task(bank, image_ids, 3),
+        "grit_greedy": greedy_task(bank, 1),
+        "bound": bound_task(bank, 3, 1),
+        "bound_bfloat16": bound_task(bank, 3, 1, bfloat16=True),
+    })
     for warmup in warmups.values():
         warmup()
     samples = alternated_medians(tasks, args.repeats, warmup=0)
+    certificate = certificate_counts(bank, image_ids, n_batches, args.backend, args.precision)
 
     batches, pairs = counted_builder_batches(bank, image_ids, n_batches)
     greedy_pairs = min(n_spaces * SEARCH_SPACE, n_pairs)
@@ -218,7 +261,7 @@ def measure_bank(n_pairs: int, args: argparse.Namespace) -> list[dict[str, Any]]
         rows.append(make_row(name, n_pairs, seconds, row_batches, row_pairs, has_anchors=not greedy))
     del bank
     gc.collect()
-    return rows
+    return rows, certificate
 
 
 def make_row(name: str, n_pairs: int, seconds: list[float], batches: int, pairs: int,
@@ -250,15 +293,19 @@ def summary(rows: list[dict[str, Any]], backend: str, sizes: list[int]) -> dict[
         return next((r for r in rows if r["builder"] == name and r["bank_pairs"] == n_pairs), None)
 
     builder, greedy, bound = row(f"builder_q1[{backend}]"), row("grit_greedy"), row("bound")
-    bound_cached = row("bound_cached")
+    bound_cached, bound_bfloat16 = row("bound_cached"), row("bound_bfloat16")
+    float32_builder = row("builder_q1[torch, float32]")
     one_million = row(f"builder_q1[{backend}]", ONE_MILLION)
     return {
         "bank_pairs": largest,
         "backend": backend,
         "speedup_vs_greedy": greedy["epoch_seconds"] / builder["epoch_seconds"],
+        "speedup_vs_greedy_float32": (greedy["epoch_seconds"] / float32_builder["epoch_seconds"]
+                                      if float32_builder else None),
         "anchors_per_second": builder["anchors_per_second"],
         "bound_ratio": builder["seconds_per_batch"] / bound["seconds_per_batch"],
         "bound_ratio_cached": builder["seconds_per_batch"] / bound_cached["seconds_per_batch"],
+        "bound_ratio_bfloat16": builder["seconds_per_batch"] / bound_bfloat16["seconds_per_batch"],
         "epoch_seconds_1m": one_million["epoch_seconds"] if one_million else None,
         "epoch_seconds_1m_extrapolated": one_million["epoch_seconds_extrapolated"] if one_million else None,
     }
@@ -294,6 +341,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the other backend is measured at q = 1 too")
     parser.add_argument("--bank-dtype", choices=("float32", "float16"), default="float32",
                         help="storage dtype of the bank (default float32)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="search precision of the builder rows that the summary uses (default auto); with "
+                        "the torch backend and another precision than float32, float32 is measured at q = 1 too")
     parser.add_argument("--threads", type=int, default=0, help="torch and FAISS threads (default: their own)")
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([10_000, 100_000] if args.quick else [10_000, 100_000, ONE_MILLION])
@@ -308,15 +358,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_threads(args.threads)
     started = time.perf_counter()
     rows = []
+    certificates = {}
     for n_pairs in args.sizes:
         logger.info("measuring a bank of %d pairs", n_pairs)
-        rows.extend(measure_bank(n_pairs, args))
+        bank_rows, certificates[n_pairs] = measure_bank(n_pairs, args)
+        rows.extend(bank_rows)
 
+    largest = certificates[max(args.sizes)]
     record = {
         "setting": {"dim": DIM, "search_space": SEARCH_SPACE, "batch_size": BATCH_SIZE, "top_k": TOP_K,
                     "captions_per_image": CAPTIONS_PER_IMAGE, "bank_dtype": args.bank_dtype,
-                    "repeats": args.repeats, "quick": args.quick},
+                    "repeats": args.repeats, "quick": args.quick, "precision": args.precision,
+                    "bfloat16_search": largest["bfloat16_anchors"] > 0,
+                    "bfloat16_measured_faster": bfloat16_matmul_is_faster()},
         **summary(rows, args.backend, args.sizes),
+        "certificate_fallback_rate": largest["full_row_rate"],
+        "certificate": {str(n_pairs): counts for n_pairs, counts in certificates.items()},
         "wall_seconds": time.perf_counter() - started,
         "peak_memory_mb": peak_memory_mb(),
         "peak_memory_source": "resource.getrusage(RUSAGE_SELF).ru_maxrss, whole process",
@@ -325,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(format_table(rows, COLUMNS))
     print({key: record[key] for key in ("speedup_vs_greedy", "anchors_per_second", "bound_ratio",
-                                        "epoch_seconds_1m", "peak_memory_mb")})
+                                        "bound_ratio_bfloat16", "epoch_seconds_1m", "peak_memory_mb",
+                                        "certificate_fallback_rate")})
     write_json(args.output, record)
     return record
 

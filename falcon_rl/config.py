@@ -76,6 +76,10 @@ class TrainConfig:
                                                        "negative when its caption's sentence-embedding cosine "
                                                        "with the anchor's caption is at least this value.")
 
+    augment: str = _field("flip-shift", "Training image augmentation: 'flip-shift' flips each image left-right "
+                                        "with probability 1/2 and shifts it by up to 1/8 of its size.",
+                          ("flip-shift", "none"))
+
     # Optimisation
     steps: int | None = _field(None, "Optimizer steps to train (default: 200 when --epochs is not given).")
     epochs: float | None = _field(None, "Epochs to train, converted to steps from the epoch length.")

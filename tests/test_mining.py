@@ -32,6 +32,7 @@ from falcon_rl.mining import (
     make_observation,
 )
 from falcon_rl.mining.approximate import ApproximateIndex
+from falcon_rl.mining.certified import certified_top_k, rescoring_thresholds, rounding_margins
 from falcon_rl.mining.positives import same_group_entries
 from falcon_rl.mining.prefetch import BackgroundSearch
 from falcon_rl.mining.search import cross_modal_keys, cross_modal_queries
@@ -213,12 +214,12 @@ def test_search_pads_when_few_keys() -> None:
     assert np.all(np.isneginf(sims[0, 3:]))
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
-def test_search_pool_cache_follows_pool_and_rewrites(backend: str) -> None:
+@pytest.mark.parametrize(("backend", "precision"), [("faiss", "auto"), ("torch", "float32"), ("torch", "bfloat16")])
+def test_search_pool_cache_follows_pool_and_rewrites(backend: str, precision: str) -> None:
     n_pairs = 300
     bank = make_bank(n_pairs)
     groups = make_image_ids(n_pairs)
-    search = CandidateSearch(backend)
+    search = CandidateSearch(backend, precision=precision)
     queries = cross_modal_queries(*bank.vectors(np.arange(5)))
     rng = np.random.default_rng(0)
     for step in range(4):
@@ -432,6 +433,189 @@ def test_builder_backends_agree() -> None:
         np.testing.assert_array_equal(faiss_batch.pair_indices, torch_batch.pair_indices)
 
 
+# ---- bfloat16 search ------------------------------------------------------------
+
+
+def make_clustered_bank(n_pairs: int, dim: int, noise: float, seed: int = 0) -> EmbeddingBank:
+    """Bank of three tight clusters, so that similarities within a cluster lie within bfloat16 rounding."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(3, dim, generator=generator), dim=1)
+    cluster = torch.arange(n_pairs) % 3
+    image = torch.nn.functional.normalize(centres[cluster] + noise * torch.randn(n_pairs, dim, generator=generator))
+    text = torch.nn.functional.normalize(centres[(cluster + 1) % 3] + noise * torch.randn(n_pairs, dim,
+                                                                                        generator=generator))
+    bank = EmbeddingBank(n_pairs, dim)
+    bank.fill(image, text)
+    return bank
+
+
+def run_precisions(bank: EmbeddingBank, batch_size: int, search_space: int, top_k: int,
+                   excluded_rate: float = 0.0) -> tuple[list, list, BatchBuilder]:
+    """Run one epoch with float32 and bfloat16 search on the same hardness and exclusions."""
+    image_ids = make_image_ids(bank.n_pairs)
+    runs = []
+    for precision in ("float32", "bfloat16"):
+        builder = BatchBuilder(image_ids, batch_size, search_space, top_k, seed=7, backend="torch",
+                               precision=precision)
+        rng = np.random.default_rng(8)
+        records = []
+        while not builder.epoch_finished:
+            proposal = builder.propose(bank)
+            hardness = rng.uniform(size=proposal.anchors.size)
+            excluded = rng.uniform(size=proposal.candidates.shape) < excluded_rate
+            records.append((proposal, builder.select(proposal, hardness, excluded)))
+        runs.append(records)
+    return runs[0], runs[1], builder
+
+
+def assert_same_batches(expected: list, actual: list) -> None:
+    assert len(expected) == len(actual)
+    for step, ((want_proposal, want), (got_proposal, got)) in enumerate(zip(expected, actual)):
+        assert np.array_equal(want_proposal.candidates, got_proposal.candidates), f"batch {step}: candidates"
+        assert np.array_equal(want.pair_indices, got.pair_indices), f"batch {step}: pair_indices"
+        assert np.array_equal(want.negative_ranks, got.negative_ranks), f"batch {step}: negative_ranks"
+        np.testing.assert_allclose(got_proposal.candidate_sims, want_proposal.candidate_sims, atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [16, 128])
+def test_builder_bfloat16_equals_float32_random(dim: int) -> None:
+    generator = torch.Generator().manual_seed(dim)
+    bank = EmbeddingBank(600, dim)
+    bank.fill(torch.nn.functional.normalize(torch.randn(600, dim, generator=generator), dim=1),
+              torch.nn.functional.normalize(torch.randn(600, dim, generator=generator), dim=1))
+    float32_run, bfloat16_run, builder = run_precisions(bank, 32, search_space=256, top_k=8)
+    assert_same_batches(float32_run, bfloat16_run)
+    assert builder.search_counts["bfloat16_anchors"] == sum(p.anchors.size for p, _ in bfloat16_run)
+    assert builder.search_counts["second_pass_anchors"] > 0
+
+
+def test_builder_bfloat16_near_ties_fall_back_to_float32() -> None:
+    # Within a cluster, similarities differ by about 1e-3: less than the
+    # bfloat16 rounding bound, far more than float32 rounding.
+    bank = make_clustered_bank(450, 32, noise=0.01)
+    float32_run, bfloat16_run, builder = run_precisions(bank, 30, search_space=150, top_k=6)
+    assert_same_batches(float32_run, bfloat16_run)
+    assert builder.search_counts["full_row_anchors"] > 0
+
+
+def test_builder_bfloat16_exclusions_equal_float32() -> None:
+    bank = make_clustered_bank(300, 16, noise=0.2, seed=1)
+    float32_run, bfloat16_run, builder = run_precisions(bank, 40, search_space=100, top_k=4, excluded_rate=0.6)
+    assert_same_batches(float32_run, bfloat16_run)
+    assert sum(batch.fallbacks["exhausted"] for _, batch in bfloat16_run) > 0
+    assert builder.search_counts["exact_reserve_anchors"] > 0
+
+
+def test_builder_bfloat16_select_equals_reference() -> None:
+    n_pairs = 200
+    bank = make_bank(n_pairs, seed=4)
+    fast = BatchBuilder(make_image_ids(n_pairs), 24, 80, 6, seed=4, backend="torch", precision="bfloat16")
+    reference = BatchBuilder(make_image_ids(n_pairs), 24, 80, 6, seed=4, backend="torch", precision="bfloat16")
+    rng = np.random.default_rng(4)
+    while not fast.epoch_finished:
+        proposal = fast.propose(bank)
+        hardness = rng.uniform(size=proposal.anchors.size)
+        excluded = rng.uniform(size=proposal.candidates.shape) < 0.5
+        fast_batch = fast.select(proposal, hardness, excluded)
+        reference_batch = reference.select_reference(reference.propose(bank), hardness, excluded)
+        np.testing.assert_array_equal(fast_batch.pair_indices, reference_batch.pair_indices)
+        assert fast_batch.fallbacks == reference_batch.fallbacks
+
+
+def certified_inputs(n_keys: int, n_anchors: int, dim: int, seed: int) -> tuple:
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.nn.functional.normalize(torch.randn(n_anchors, 2 * dim, generator=generator), dim=1)
+    keys = torch.nn.functional.normalize(torch.randn(n_keys, 2 * dim, generator=generator), dim=1)
+    rounded = (keys.bfloat16() @ queries.bfloat16().T).float()
+    norms = (float(keys.norm(dim=1).max()), float((keys.bfloat16().float() - keys).norm(dim=1).max()))
+    return queries.numpy(), keys.numpy(), rounded, norms
+
+
+def test_certified_top_k_equals_float32_top_k() -> None:
+    queries, keys, rounded, norms = certified_inputs(2000, 24, 64, seed=0)
+    masked = np.random.default_rng(0).uniform(size=rounded.shape) < 0.1
+    rounded.numpy()[masked] = -np.inf
+    found = certified_top_k(rounded, queries, keys, np.arange(2000), 10, norms, lambda rows: None)
+    exact = (keys.astype(np.float64) @ queries.astype(np.float64).T)
+    exact[masked] = -np.inf
+    np.testing.assert_array_equal(found.slots, np.argsort(-exact, axis=0)[:10].T)
+    np.testing.assert_allclose(found.scores, -np.sort(-exact, axis=0)[:10].T, atol=1e-5)
+    assert found.full_row_anchors == 0
+
+
+def dense_band_inputs(n_anchors: int, dim: int, n_dense: int, n_keys: int, seed: int) -> tuple:
+    """Keys whose float64 scores against each anchor's query are 0.3 + 1e-4 j for that anchor's band."""
+    generator = torch.Generator().manual_seed(seed)
+    queries = torch.nn.functional.normalize(torch.randn(n_anchors, dim, generator=generator, dtype=torch.float64))
+    blocks = []
+    for row in range(n_anchors):
+        noise = torch.randn(n_dense, dim, generator=generator, dtype=torch.float64)
+        noise = torch.nn.functional.normalize(noise - (noise @ queries[row])[:, None] * queries[row], dim=1)
+        scores = 0.3 + 1e-4 * torch.randperm(n_dense, generator=generator).double()
+        blocks.append(scores[:, None] * queries[row] + torch.sqrt(1 - scores[:, None] ** 2) * noise)
+    filler = torch.randn(n_keys - n_anchors * n_dense, dim, generator=generator, dtype=torch.float64)
+    keys = torch.cat([*blocks, 0.2 * torch.nn.functional.normalize(filler)])
+    # Shuffled, so that each band spreads over many blocks of the bound L.
+    keys = keys[torch.randperm(n_keys, generator=generator)].float()
+    return queries.float().numpy(), keys.numpy()
+
+
+def test_certified_top_k_adversarial_rounding_equals_float64() -> None:
+    # The bfloat16 scores are replaced by scores off by 0.8 E, the most the
+    # bound allows, in the direction that reverses the order at the top:
+    # the 10 best move down and the next 20 move up.
+    queries, keys = dense_band_inputs(n_anchors=3, dim=128, n_dense=60, n_keys=1200, seed=3)
+    norms = (float(np.linalg.norm(keys, axis=1).max()), 0.004)
+    exact = keys.astype(np.float64) @ queries.astype(np.float64).T
+    ranks = np.argsort(np.argsort(-exact, axis=0), axis=0)
+    shift = np.where(ranks < 10, -0.8, np.where(ranks < 30, 0.8, 0.0)) * rounding_margins(queries, *norms)
+    rounded = torch.from_numpy((exact + shift).astype(np.float32))
+    found = certified_top_k(rounded, queries, keys, np.arange(1200), 10, norms, lambda rows: None,
+                            max_rescored=1200)
+    assert not np.array_equal(np.sort(np.argsort(-rounded.numpy(), axis=0)[:10].T), np.sort(found.slots))
+    np.testing.assert_array_equal(found.slots, np.argsort(-exact, axis=0)[:10].T)
+    assert found.second_pass_anchors == 3
+
+
+def test_certified_top_k_counts_full_rows() -> None:
+    queries, keys, rounded, norms = certified_inputs(500, 4, 16, seed=1)
+    exact = torch.from_numpy(queries @ keys.T)
+    found = certified_top_k(rounded, queries, keys, np.arange(500), 5, norms, lambda rows: exact[rows],
+                            max_rescored=0)
+    assert found.full_row_anchors == 4
+    np.testing.assert_array_equal(found.slots, np.argsort(-exact.numpy(), axis=1, kind="stable")[:, :5])
+
+
+def test_rounding_margins_bound_bfloat16_error() -> None:
+    queries, keys, rounded, norms = certified_inputs(3000, 32, 128, seed=2)
+    exact = keys.astype(np.float64) @ queries.astype(np.float64).T
+    margins = rounding_margins(queries, *norms)
+    slope = 2 * 2.0 ** -8 / (1 - 2 * 2.0 ** -8)
+    error = np.abs(rounded.numpy() - exact) - slope * np.abs(rounded.numpy())
+    assert np.all(error <= margins[None, :])
+
+
+def test_rescoring_thresholds_round_down() -> None:
+    thresholds = np.array([0.3, -0.2, 0.1 + 1e-9, 0.0])
+    margins = np.full(4, 0.01)
+    tau = rescoring_thresholds(thresholds, margins)
+    slope = 2 * 2.0 ** -8 / (1 - 2 * 2.0 ** -8)
+    target = thresholds - margins
+    exact = np.where(target >= 0, target / (1 + slope), target / (1 - slope))
+    assert tau.dtype == np.float32
+    assert np.all(tau.astype(np.float64) <= exact)
+
+
+def test_candidate_search_rejects_bfloat16_with_faiss() -> None:
+    with pytest.raises(MiningError):
+        CandidateSearch("faiss", precision="bfloat16")
+
+
+def test_candidate_search_rejects_unknown_precision() -> None:
+    with pytest.raises(MiningError):
+        CandidateSearch("torch", precision="float16")
+
+
 # ---- fast selection equals the reference --------------------------------------
 
 
@@ -460,6 +644,20 @@ def test_choose_negatives_equals_reference_random(seed: int) -> None:
     np.testing.assert_array_equal(fast.columns, reference.columns)
     assert fast.exhausted == reference.exhausted
     assert reference.exhausted > 0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_choose_negatives_equals_reference_hardest_overlapping(seed: int) -> None:
+    # All anchors at q = 1 over few values: many anchors share candidates.
+    rng = np.random.default_rng(seed)
+    candidates = np.stack([rng.choice(20, 8, replace=False) for _ in range(40)])
+    eligible = rng.uniform(size=candidates.shape) > 0.1
+    hardness = np.ones(40)
+    fast = choose_negatives(candidates, eligible, hardness, 40, fallback_smallest_free)
+    reference = choose_negatives_reference(candidates, eligible, hardness, 40, fallback_smallest_free)
+    np.testing.assert_array_equal(fast.negatives, reference.negatives)
+    np.testing.assert_array_equal(fast.columns, reference.columns)
+    assert fast.exhausted == reference.exhausted
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -622,11 +820,13 @@ def test_encode_sentences_cache(tmp_path: Path) -> None:
 # ---- background search ----------------------------------------------------------
 
 
-def run_steps(background: bool, backend: str, n_steps: int = 7) -> list[tuple[np.ndarray, ...]]:
+def run_steps(background: bool, backend: str, n_steps: int = 7,
+              precision: str = "auto") -> list[tuple[np.ndarray, ...]]:
     """Steps of the trainer protocol with random bank updates; return each step's proposal and batch."""
     n_pairs = 40
     bank = make_bank(n_pairs, seed=3)
-    builder = BatchBuilder(make_image_ids(n_pairs), 16, search_space=24, top_k=5, seed=2, backend=backend)
+    builder = BatchBuilder(make_image_ids(n_pairs), 16, search_space=24, top_k=5, seed=2, backend=backend,
+                           precision="float32" if backend == "faiss" else precision)
     rng = np.random.default_rng(4)
     generator = torch.Generator().manual_seed(5)
     records = []
@@ -651,10 +851,10 @@ def run_steps(background: bool, backend: str, n_steps: int = 7) -> list[tuple[np
     return records
 
 
-@pytest.mark.parametrize("backend", ["faiss", "torch"])
-def test_background_search_equals_inline(backend: str) -> None:
-    inline = run_steps(background=False, backend=backend)
-    background = run_steps(background=True, backend=backend)
+@pytest.mark.parametrize(("backend", "precision"), [("faiss", "auto"), ("torch", "float32"), ("torch", "bfloat16")])
+def test_background_search_equals_inline(backend: str, precision: str) -> None:
+    inline = run_steps(background=False, backend=backend, precision=precision)
+    background = run_steps(background=True, backend=backend, precision=precision)
     assert len(inline) == len(background)
     for step, (expected, actual) in enumerate(zip(inline, background)):
         for name, want, got in zip(("candidates", "features", "pair_indices", "negatives"), expected, actual):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -56,6 +57,12 @@ class BatchBuilder:
         search space always uses the exact search.
     :param index_options: options of the approximate index (see
         :class:`~falcon_rl.mining.approximate.ApproximateIndex`).
+    :param precision: ``"auto"`` (the default), ``"float32"`` or
+        ``"bfloat16"``: the arithmetic of the torch backend's search (see
+        :mod:`falcon_rl.mining.search`). Bfloat16 scores are certified and
+        re-scored in float32, so every precision builds the same batches, up
+        to similarities that are equal within float32 rounding. ``"auto"``
+        uses bfloat16 on CPUs where it was measured faster.
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class BatchBuilder:
         block_size: int = 65536,
         index: str = "flat",
         index_options: dict | None = None,
+        precision: str = "auto",
     ) -> None:
         image_ids = np.asarray(image_ids)
         if image_ids.ndim != 1 or image_ids.size == 0 or not np.issubdtype(image_ids.dtype, np.integer):
@@ -84,11 +92,15 @@ class BatchBuilder:
         self.search_space = int(search_space)
         self.top_k = int(top_k)
         self.seed = int(seed)
-        self._search = CandidateSearch(backend, block_size, index, index_options)
+        self._search = CandidateSearch(backend, block_size, index, index_options, precision)
         # The search beyond the search space is rare and moves on every call,
         # so it runs exactly, without the caches of the main search.
-        self._exact_search = CandidateSearch(backend, block_size)
+        self._exact_search = CandidateSearch(backend, block_size, precision="float32")
         self._fallback_sims: dict[int, float] = {}
+        # (epoch, batch_index, bank) of the latest proposal whose reserve may
+        # miss the nearest pairs, which select() then recomputes in float32.
+        self._partial_reserve: tuple[int, int, weakref.ReferenceType[EmbeddingBank]] | None = None
+        self._exact_reserves = 0
         self._start_epoch(0)
 
     # ---- epoch bookkeeping -------------------------------------------------
@@ -107,6 +119,17 @@ class BatchBuilder:
     def steps_per_epoch(self) -> int:
         """Estimate of batches per epoch, ``ceil(N / B)``; anchors left without a negative add batches."""
         return math.ceil(self.n_pairs / self.batch_size)
+
+    @property
+    def search_counts(self) -> dict[str, int]:
+        """Counters of the bfloat16 search since the builder was made.
+
+        The counters of :attr:`CandidateSearch.counts` (anchors searched in
+        bfloat16, keys re-scored in float32, certificate second passes and
+        fallbacks), and ``exact_reserve_anchors``: exhausted anchors whose
+        nearest free pair :meth:`select` recomputed in float32.
+        """
+        return dict(self._search.counts, exact_reserve_anchors=self._exact_reserves)
 
     @property
     def max_anchors(self) -> int:
@@ -185,7 +208,9 @@ class BatchBuilder:
         window = self._unplaced(max(self.search_space, n_anchors))
         anchors = window[:n_anchors]
         pool = window[n_anchors : self.search_space]
-        anchor_keys = bank.keys(anchors)
+        # The anchors were in the previous batch's pool, so the search's key
+        # cache usually has their keys.
+        anchor_keys = self._search.keys_of(anchors, bank)
         queries = queries_from_keys(anchor_keys)
 
         # The nearest K pool pairs are the candidates. The reserve contains at
@@ -196,13 +221,14 @@ class BatchBuilder:
             queries, self.image_ids[anchors], pool, self.image_ids, bank, self.top_k, n_reserve=n_anchors
         )
         candidates = found.pairs
+        self._partial_reserve = None if found.reserve_complete else (self.epoch, self.batch_index, weakref.ref(bank))
 
-        # The search's own keys of the candidates are valid while no fallback
-        # replaced any of them.
-        candidate_keys = found.keys
+        # The search's own keys and similarities of the candidates are valid
+        # while no fallback replaced any of them.
+        candidate_keys, directional = found.keys, found.directional
         fallbacks = {"beyond_search_space": 0, "random": 0}
         if (candidates < 0).any():
-            candidate_keys = None
+            candidate_keys = directional = None
             beyond = self._unplaced(self.search_space, skip=self.search_space)
             beyond = beyond[~np.isin(beyond, anchors)]
             candidates, fallbacks["beyond_search_space"] = self._fill_from_beyond(
@@ -212,8 +238,8 @@ class BatchBuilder:
             candidates, fallbacks["random"] = self._fill_at_random(candidates, anchors)
 
         return self._make_proposal(
-            bank, anchors, anchor_keys, candidates, candidate_keys, (found.reserve_pairs, found.reserve_sims),
-            fallbacks, n_negatives,
+            bank, anchors, anchor_keys, candidates, (candidate_keys, directional),
+            (found.reserve_pairs, found.reserve_sims), fallbacks, n_negatives,
         )
 
     def _fill_from_beyond(
@@ -266,20 +292,28 @@ class BatchBuilder:
         anchors: np.ndarray,
         anchor_keys: torch.Tensor,
         candidates: np.ndarray,
-        candidate_keys: torch.Tensor | None,
+        found: tuple[torch.Tensor | None, tuple[np.ndarray, np.ndarray] | None],
         reserve: tuple[np.ndarray, np.ndarray],
         fallbacks: dict[str, int],
         n_negatives: int,
     ) -> Proposal:
+        """Build the proposal from the search's candidate keys or its (i2t, t2i) in ``found`` (either may be None)."""
         valid = candidates >= 0
         dim = bank.dim
-        if candidate_keys is None:
-            rows = bank.keys(np.clip(candidates, 0, None).reshape(-1))
-            candidate_keys = rows.reshape(*candidates.shape, 2 * dim)
-        i2t, t2i, positive = directional_similarities(
-            anchor_keys[:, :dim], anchor_keys[:, dim:], candidate_keys[..., :dim], candidate_keys[..., dim:]
-        )
-        i2t, t2i, positive = (_finite(x.cpu().numpy()) for x in (i2t, t2i, positive))
+        candidate_keys, directional = found
+        if directional is not None:
+            i2t, t2i = directional
+            keys = anchor_keys.cpu().numpy()
+            positive = torch.from_numpy(np.einsum("ij,ij->i", keys[:, :dim], keys[:, dim:]))
+        else:
+            if candidate_keys is None:
+                rows = bank.keys(np.clip(candidates, 0, None).reshape(-1))
+                candidate_keys = rows.reshape(*candidates.shape, 2 * dim)
+            i2t, t2i, positive = directional_similarities(
+                anchor_keys[:, :dim], anchor_keys[:, dim:], candidate_keys[..., :dim], candidate_keys[..., dim:]
+            )
+            i2t, t2i = i2t.cpu().numpy(), t2i.cpu().numpy()
+        i2t, t2i, positive = _finite(i2t), _finite(t2i), _finite(positive.cpu().numpy())
         i2t[~valid] = 0.0
         t2i[~valid] = 0.0
         sims = np.where(valid, (i2t + t2i) / 2.0, -np.inf).astype(np.float32)
@@ -367,8 +401,7 @@ class BatchBuilder:
 
     def _fallback_negative(self, proposal: Proposal, slot: int, taken: np.ndarray) -> int:
         """Return the nearest free search-space pair outside the anchor's candidates, else a random one."""
-        reserve = proposal.reserve[slot]
-        sims = proposal.reserve_sims[slot]
+        reserve, sims = self._reserve_of(proposal, slot)
         free = np.isfinite(sims) & (reserve >= 0)
         free &= ~np.isin(reserve, taken) & ~np.isin(reserve, proposal.candidates[slot])
         if free.any():
@@ -384,6 +417,27 @@ class BatchBuilder:
             return -1
         rng = np.random.default_rng([self.seed, self.epoch, self.batch_index, _RANDOM_NEGATIVE_STREAM, slot])
         return int(eligible[rng.integers(eligible.size)])
+
+    def _reserve_of(self, proposal: Proposal, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return pool pairs that include the anchor's K + A nearest, and their similarities."""
+        if self._partial_reserve is None or self._partial_reserve[:2] != (proposal.epoch, proposal.batch_index):
+            return proposal.reserve[slot], proposal.reserve_sims[slot]
+
+        bank = self._partial_reserve[2]()
+        if bank is None:
+            raise MiningError("the bank of this proposal was deleted; call propose() again")
+        # The builder has not moved since propose(), so the window is the same.
+        n_anchors = proposal.anchors.size
+        pool = self._unplaced(max(self.search_space, n_anchors))[n_anchors : self.search_space]
+        anchor = proposal.anchors[slot : slot + 1]
+        self._exact_reserves += 1
+        if pool.size == 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        positions, sims = self._exact_search.search(
+            queries_from_keys(bank.keys(anchor)), self.image_ids[anchor], bank.keys(pool), self.image_ids[pool],
+            self.top_k + n_anchors,
+        )
+        return np.where(positions[0] >= 0, pool[np.maximum(positions[0], 0)], -1), sims[0]
 
     def random_batch(self) -> MinedBatch:
         """Place the next B unplaced pairs in epoch order, without mining.

@@ -9,10 +9,11 @@ candidate is "exhausted" and gets its negative from a fallback callable.
 :func:`choose_negatives_reference` is the plain loop that defines the rule.
 :func:`choose_negatives` gives identical results with array operations: in
 each round it computes every remaining anchor's choice against the picks
-made so far and commits the longest prefix of anchors whose free candidates
-contain no choice of an earlier anchor in the same round (exactly the anchors
-whose choice cannot change). Each round commits at least one anchor, and
-rounds are few unless candidate lists overlap heavily.
+made so far and commits the longest prefix of anchors whose choice cannot
+change: their free candidates contain no choice of an earlier anchor in the
+same round, or, at q = 1, none at or before their own choice. Each round
+commits at least one anchor, and rounds are few unless candidate lists
+overlap heavily.
 """
 
 from __future__ import annotations
@@ -97,8 +98,7 @@ def choose_negatives(
 
     # Candidates renumbered 0 .. U - 1, so that "taken" and "chosen first by"
     # are lookups in arrays of U entries instead of set operations per round.
-    values, ids = np.unique(candidates, return_inverse=True)
-    ids = ids.reshape(candidates.shape)
+    values, ids = _renumber(candidates)
     taken = np.zeros(values.size, dtype=bool)
     taken_pairs: list[int] = []
     start = 0
@@ -121,7 +121,7 @@ def choose_negatives(
             continue
 
         ranks, columns, choices = _choose_in_rows(rows, free, n_free, hardness[start:end_all])
-        n_commit = _committable_prefix(rows, free, n_free, choices, values.size)
+        n_commit = _committable_prefix(rows, free, n_free, choices, columns, hardness[start:end_all], values.size)
         committed = choices[:n_commit]
         selection.negatives[start : start + n_commit] = values[committed]
         selection.ranks[start : start + n_commit] = ranks[:n_commit]
@@ -131,6 +131,19 @@ def choose_negatives(
         start += n_commit
 
     return selection
+
+
+def _renumber(candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the sorted distinct values and each entry's index among them (``np.unique`` with ``return_inverse``)."""
+    flat = candidates.reshape(-1)
+    order = np.argsort(flat)
+    ordered = flat[order]
+    starts = np.empty(flat.size, dtype=bool)
+    starts[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    ids = np.empty(flat.size, dtype=np.int64)
+    ids[order] = np.cumsum(starts) - 1
+    return ordered[starts], ids.reshape(candidates.shape)
 
 
 def _choose_in_rows(
@@ -146,7 +159,13 @@ def _choose_in_rows(
 
 
 def _committable_prefix(
-    rows: np.ndarray, free: np.ndarray, n_free: np.ndarray, choices: np.ndarray, n_values: int
+    rows: np.ndarray,
+    free: np.ndarray,
+    n_free: np.ndarray,
+    choices: np.ndarray,
+    columns: np.ndarray,
+    hardness: np.ndarray,
+    n_values: int,
 ) -> int:
     # An exhausted anchor needs the fallback, which depends on all earlier
     # picks, so the prefix stops before it.
@@ -155,9 +174,14 @@ def _committable_prefix(
 
     # Earliest anchor (within the limit) that chose each candidate.
     first_row = np.full(n_values, limit, dtype=np.int64)
-    np.minimum.at(first_row, choices[:limit], np.arange(limit))
+    chosen, first_index = np.unique(choices[:limit], return_index=True)
+    first_row[chosen] = first_index
     entry_rows, entry_columns = np.nonzero(free[:limit])
-    conflict = first_row[rows[entry_rows, entry_columns]] < entry_rows
+    # An anchor at q = 1 takes its first free candidate whatever the number
+    # of free ones, so an earlier pick behind its choice leaves it unchanged.
+    # At q < 1 every earlier pick changes that number and may move the rank.
+    matters = (entry_columns <= columns[entry_rows]) | (hardness[entry_rows] < 1.0)
+    conflict = matters & (first_row[rows[entry_rows, entry_columns]] < entry_rows)
     if conflict.any():
         limit = min(limit, int(entry_rows[conflict].min()))
     return limit

@@ -35,6 +35,7 @@ from falcon_rl.models.losses import (
     sample_itm_negatives,
 )
 from falcon_rl.models.pretrained import OFFLINE_MINILM, load_pretrained, resolve_name_or_path
+from falcon_rl.models.text_cache import FrozenPrefixCache, frozen_prefix_cache
 from falcon_rl.models.text_encoders import build_text_encoder, freeze_lower_layers
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ class ALBEF(VLPFramework):
         self.vocab_size = self.text_encoder.get_input_embeddings().num_embeddings
         self._check_vocabulary(len(tokenizer))
         freeze_lower_layers(self.text_encoder, config.text_frozen_layers)
+        self.text_cache = frozen_prefix_cache(self, self.text_encoder, config.text_frozen_layers)
         self._build_heads(int(self.text_encoder.config.hidden_size))
 
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -175,15 +177,22 @@ class ALBEF(VLPFramework):
 
     # ---- encoders -----------------------------------------------------------------------
 
-    def _encode_text(self, text: TextBatch) -> torch.Tensor:
+    def _encode_text(self, text: TextBatch, remember: bool = True) -> torch.Tensor:
+        if self.text_cache is not None:
+            return self.text_cache.encode(text.input_ids, text.attention_mask, remember)
         output = self.text_encoder(input_ids=text.input_ids, attention_mask=text.attention_mask)
         return output.last_hidden_state
 
     def _image_embedding(self, image_tokens: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(image_tokens[:, 0]).float(), dim=-1)
 
-    def _text_embedding(self, text_hidden: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(text_hidden[:, 0]).float(), dim=-1)
+    def _text_embedding(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.config.text_pooling == "cls":
+            pooled = text_hidden[:, 0]
+        else:
+            weights = attention_mask.to(text_hidden.dtype).unsqueeze(-1)
+            pooled = (text_hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """Return L2-normalised ITC image embeddings ``[B, embed_dim]`` (float32).
@@ -192,9 +201,16 @@ class ALBEF(VLPFramework):
         """
         return self._image_embedding(self.image_encoder(self._pixels(images)))
 
+    def cache_texts(self, text: TextBatch) -> None:
+        """Keep the frozen text layers' output for these captions (see :class:`FrozenPrefixCache`)."""
+        if self.text_cache is not None:
+            text = text.to(self.pixel_mean.device)
+            self.text_cache.fill(text.input_ids, text.attention_mask)
+
     def embed_texts(self, text: TextBatch) -> torch.Tensor:
         """Return L2-normalised ITC text embeddings ``[B, embed_dim]`` (float32)."""
-        return self._text_embedding(self._encode_text(self._text(text)))
+        text = self._text(text)
+        return self._text_embedding(self._encode_text(text), text.attention_mask)
 
     def _itm_logits(
         self, text_hidden: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
@@ -243,7 +259,7 @@ class ALBEF(VLPFramework):
             text.input_ids, text.attention_mask, self.special_ids, self.vocab_size,
             self.config.mlm_probability, generator,
         )
-        hidden = self._encode_text(TextBatch(masked_ids, text.attention_mask))
+        hidden = self._encode_text(TextBatch(masked_ids, text.attention_mask), remember=False)
         fused = self.fusion(hidden, text.attention_mask, image_tokens)
         targets = labels != IGNORE_INDEX
         return mlm_loss(self.mlm_head(fused[targets]), labels[targets])
@@ -271,7 +287,7 @@ class ALBEF(VLPFramework):
         if need_embeddings or "itc" in names or "itm" in names:
             image_embed = self._image_embedding(image_tokens)
             text_hidden = self._encode_text(text)
-            text_embed = self._text_embedding(text_hidden)
+            text_embed = self._text_embedding(text_hidden, text.attention_mask)
 
         losses: dict[str, torch.Tensor] = {}
         if "itc" in names:

@@ -106,11 +106,18 @@ class VLPFramework(nn.Module, abc.ABC):
     def itm_match_prob(self, images: torch.Tensor, text: TextBatch) -> torch.Tensor:
         """Return the ITM probability ``[B]`` that image i and caption i match."""
 
+    def cache_texts(self, text: TextBatch) -> None:
+        """Precompute what later steps can reuse for these captions.
+
+        The default does nothing. ALBEF and SigLIP keep the output of their frozen text
+        layers, which never changes.
+        """
+
     def retrieval_image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Return the image features that :meth:`retrieval_similarity` compares with captions.
 
         The default is :meth:`embed_images`. A framework whose ITC similarity is not one dot
-        product (BLIP-2 takes the maximum over its query embeddings) returns more here.
+        product returns what that similarity needs: BLIP-2 returns every query embedding.
         """
         return self.embed_images(images)
 

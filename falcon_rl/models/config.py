@@ -9,6 +9,7 @@ from typing import Any
 from falcon_rl.models.base import ModelError
 from falcon_rl.models.image_encoders import IMAGE_ENCODERS
 
+TEXT_POOLINGS = ("cls", "mean")
 FUSION_NORMS = ("post", "pre")
 
 
@@ -30,6 +31,8 @@ class ALBEFConfig:
     :param text_heads: random BERT attention heads
     :param text_frozen_layers: lowest text layers to freeze together with the embeddings
         (which also freezes the MLM decoder, tied to the word embeddings); 0 trains all
+    :param text_pooling: the ITC text embedding projects the ``"cls"`` output (ALBEF's
+        choice) or the ``"mean"`` over real tokens (how all-MiniLM-L6-v2 was trained)
     :param tokenizer: tokenizer folder or hub name; None means ``text_pretrained``, or the
         offline MiniLM tokenizer when that is None too
     :param max_text_length: tokens per caption, [CLS] and [SEP] included
@@ -58,6 +61,7 @@ class ALBEFConfig:
     text_layers: int = 4
     text_heads: int = 4
     text_frozen_layers: int = 0
+    text_pooling: str = "cls"
     tokenizer: str | None = None
     max_text_length: int = 32
     fusion_layers: int = 2
@@ -91,6 +95,8 @@ class ALBEFConfig:
             _invalid("image_encoder", self.image_encoder, ", ".join(IMAGE_ENCODERS))
         if self.fusion_norm not in FUSION_NORMS:
             _invalid("fusion_norm", self.fusion_norm, ", ".join(FUSION_NORMS))
+        if self.text_pooling not in TEXT_POOLINGS:
+            _invalid("text_pooling", self.text_pooling, ", ".join(TEXT_POOLINGS))
         positive = ("image_size", "image_width", "image_layers", "image_heads",
                     "image_patch_size", "text_hidden", "text_layers", "text_heads",
                     "max_text_length", "fusion_heads", "embed_dim")

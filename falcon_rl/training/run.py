@@ -36,6 +36,7 @@ from falcon_rl.mining import (
     make_observation,
 )
 from falcon_rl.models import TextBatch, VLPFramework, build_framework
+from falcon_rl.training.augment import flip_shift
 from falcon_rl.training.hardware import autocast, evaluation_mode, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 REWARD_PROXIES = {"mlm_gain": "mlm", "itc_gain": "itc", "itm_gain": "itm", "itg_gain": "itg"}
 ITM_FILTER_BATCH = 256
 LOSS_EMA_DECAY = 0.9
+AUGMENT_STREAM = 17  # tells the augmentation's random stream apart from the MLM mask's
 
 
 @dataclass
@@ -169,6 +171,7 @@ class TrainingRun:
         self.framework.train()
         self._build_optimizer()
 
+        self._cache_training_texts()
         self.bank = EmbeddingBank(len(self.train_pairs), self.framework.embed_dim, device=self.device)
         if self.config.bank_init == "encode" and uses_mining:
             self._fill_bank()
@@ -186,6 +189,12 @@ class TrainingRun:
         self.proposal: Proposal | None = self.builder.propose(self.bank) if uses_mining else None
         self._initialised = True
         return self.observation()
+
+    @torch.no_grad()
+    def _cache_training_texts(self) -> None:
+        """Let the framework precompute what it reuses for the training captions."""
+        with autocast(self.device, self.precision):
+            self.framework.cache_texts(TextBatch(self.input_ids, self.attention_mask))
 
     @torch.no_grad()
     def _fill_bank(self) -> None:
@@ -334,6 +343,10 @@ class TrainingRun:
     def _match_prob(self, image_pairs: np.ndarray, text_pairs: np.ndarray) -> np.ndarray:
         image_index = torch.as_tensor(self.train_pairs.image_ids[image_pairs], dtype=torch.long)
         images = self.framework.preprocess_images(self.train_pairs.images[image_index].to(self.device))
+        if self.config.augment == "flip-shift":
+            # Seeded by run seed and step, so a resumed run draws the same flips and shifts.
+            entropy = np.random.SeedSequence([self.seed, self.step_count, AUGMENT_STREAM])
+            images = flip_shift(images, torch.Generator().manual_seed(int(entropy.generate_state(1)[0])))
         text_index = torch.as_tensor(text_pairs, dtype=torch.long)
         text = TextBatch(self.input_ids[text_index].to(self.device), self.attention_mask[text_index].to(self.device))
         return self.framework.itm_match_prob(images, text).float().cpu().numpy()
@@ -343,6 +356,10 @@ class TrainingRun:
         pairs = torch.as_tensor(batch.pair_indices, dtype=torch.long)
         image_index = torch.as_tensor(self.train_pairs.image_ids[batch.pair_indices], dtype=torch.long)
         images = self.framework.preprocess_images(self.train_pairs.images[image_index].to(self.device))
+        if self.config.augment == "flip-shift":
+            # Seeded by run seed and step, so a resumed run draws the same flips and shifts.
+            entropy = np.random.SeedSequence([self.seed, self.step_count, AUGMENT_STREAM])
+            images = flip_shift(images, torch.Generator().manual_seed(int(entropy.generate_state(1)[0])))
         text = TextBatch(self.input_ids[pairs].to(self.device), self.attention_mask[pairs].to(self.device))
         image_ids = image_index.to(self.device)
         mask_seed = self.seed * 1_000_003 + self.step_count
@@ -481,6 +498,7 @@ class TrainingRun:
         if not self._initialised or self.seed != counters["seed"]:
             self._prepare_empty(counters["seed"], counters["uses_mining"])
         self.framework.load_state_dict(state["framework"])
+        self._cache_training_texts()
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.scaler.load_state_dict(state["scaler"])
