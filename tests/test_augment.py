@@ -23,7 +23,7 @@ def test_flip_shift_same_generator_same_output():
     assert torch.equal(first, second)
 
 
-def test_flip_shift_without_shift_flips_or_keeps_each_image():
+def test_flip_shift_zero_shift_only_flips():
     batch = images()
     out = flip_shift(batch, torch.Generator().manual_seed(2), max_shift=0.0)
     for row in range(batch.shape[0]):

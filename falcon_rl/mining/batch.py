@@ -40,6 +40,8 @@ class Proposal:
     batch_index: int
     # Search-space pairs per anchor (int64 [A, R], -1 pads) that include its
     # K + A nearest, or the whole pool when the search computed all scores.
+    # The bfloat16 search keeps only the K nearest here, and the builder then
+    # rescores an exhausted anchor's free pairs in float32 from the bank.
     # reserve_sims are their similarities (float32, -inf where not eligible).
     # An exhausted anchor's fallback is the most similar of them that is
     # neither its candidate nor taken.

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 REWARD_PROXIES = {"mlm_gain": "mlm", "itc_gain": "itc", "itm_gain": "itm", "itg_gain": "itg"}
 ITM_FILTER_BATCH = 256
 LOSS_EMA_DECAY = 0.9
-AUGMENT_STREAM = 17  # tells the augmentation's random stream apart from the MLM mask's
+AUGMENT_STREAM = 17  # separates the augmentation's random stream from the MLM mask's
 
 
 @dataclass
@@ -343,23 +343,23 @@ class TrainingRun:
     def _match_prob(self, image_pairs: np.ndarray, text_pairs: np.ndarray) -> np.ndarray:
         image_index = torch.as_tensor(self.train_pairs.image_ids[image_pairs], dtype=torch.long)
         images = self.framework.preprocess_images(self.train_pairs.images[image_index].to(self.device))
-        if self.config.augment == "flip-shift":
-            # Seeded by run seed and step, so a resumed run draws the same flips and shifts.
-            entropy = np.random.SeedSequence([self.seed, self.step_count, AUGMENT_STREAM])
-            images = flip_shift(images, torch.Generator().manual_seed(int(entropy.generate_state(1)[0])))
         text_index = torch.as_tensor(text_pairs, dtype=torch.long)
         text = TextBatch(self.input_ids[text_index].to(self.device), self.attention_mask[text_index].to(self.device))
         return self.framework.itm_match_prob(images, text).float().cpu().numpy()
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        """Apply the configured augmentation to this step's training images."""
+        if self.config.augment == "none":
+            return images
+        # Seeded by the run's seed and step, so a resumed run draws the same flips and shifts.
+        entropy = np.random.SeedSequence([self.seed, self.step_count, AUGMENT_STREAM])
+        return flip_shift(images, torch.Generator().manual_seed(int(entropy.generate_state(1)[0])))
 
     def _train_on(self, batch: MinedBatch) -> tuple[dict[str, float], float, bool]:
         """Take one optimizer step on ``batch``; return its losses, the reward and whether it updated."""
         pairs = torch.as_tensor(batch.pair_indices, dtype=torch.long)
         image_index = torch.as_tensor(self.train_pairs.image_ids[batch.pair_indices], dtype=torch.long)
-        images = self.framework.preprocess_images(self.train_pairs.images[image_index].to(self.device))
-        if self.config.augment == "flip-shift":
-            # Seeded by run seed and step, so a resumed run draws the same flips and shifts.
-            entropy = np.random.SeedSequence([self.seed, self.step_count, AUGMENT_STREAM])
-            images = flip_shift(images, torch.Generator().manual_seed(int(entropy.generate_state(1)[0])))
+        images = self._augment(self.framework.preprocess_images(self.train_pairs.images[image_index].to(self.device)))
         text = TextBatch(self.input_ids[pairs].to(self.device), self.attention_mask[pairs].to(self.device))
         image_ids = image_index.to(self.device)
         mask_seed = self.seed * 1_000_003 + self.step_count
