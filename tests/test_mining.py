@@ -44,6 +44,21 @@ def make_image_ids(n_pairs: int, captions_per_image: int = 5) -> np.ndarray:
     return np.arange(n_pairs, dtype=np.int64) // captions_per_image
 
 
+def assert_select_matches_reference(fast_builder: BatchBuilder, reference_builder: BatchBuilder,
+                                    bank: EmbeddingBank, seed: int) -> None:
+    """Build one epoch with ``select`` and ``select_reference`` on random hardness and exclusions."""
+    rng = np.random.default_rng(seed)
+    while not fast_builder.epoch_finished:
+        proposal = fast_builder.propose(bank)
+        hardness = rng.uniform(size=proposal.anchors.size)
+        excluded = rng.uniform(size=proposal.candidates.shape) < 0.5
+        fast = fast_builder.select(proposal, hardness, excluded)
+        reference = reference_builder.select_reference(reference_builder.propose(bank), hardness, excluded)
+        np.testing.assert_array_equal(fast.pair_indices, reference.pair_indices)
+        np.testing.assert_array_equal(fast.negative_ranks, reference.negative_ranks)
+        assert fast.fallbacks == reference.fallbacks
+
+
 def make_bank(n_pairs: int, seed: int = 0, noise: float = 0.5) -> EmbeddingBank:
     """Bank with normalised embeddings; text is a noisy copy of the image."""
     generator = torch.Generator().manual_seed(seed)
@@ -511,15 +526,7 @@ def test_builder_bfloat16_select_equals_reference() -> None:
     bank = make_bank(n_pairs, seed=4)
     fast = BatchBuilder(make_image_ids(n_pairs), 24, 80, 6, seed=4, backend="torch", precision="bfloat16")
     reference = BatchBuilder(make_image_ids(n_pairs), 24, 80, 6, seed=4, backend="torch", precision="bfloat16")
-    rng = np.random.default_rng(4)
-    while not fast.epoch_finished:
-        proposal = fast.propose(bank)
-        hardness = rng.uniform(size=proposal.anchors.size)
-        excluded = rng.uniform(size=proposal.candidates.shape) < 0.5
-        fast_batch = fast.select(proposal, hardness, excluded)
-        reference_batch = reference.select_reference(reference.propose(bank), hardness, excluded)
-        np.testing.assert_array_equal(fast_batch.pair_indices, reference_batch.pair_indices)
-        assert fast_batch.fallbacks == reference_batch.fallbacks
+    assert_select_matches_reference(fast, reference, bank, seed=4)
 
 
 def certified_inputs(n_keys: int, n_anchors: int, dim: int, seed: int) -> tuple:
@@ -606,14 +613,10 @@ def test_rescoring_thresholds_round_down() -> None:
     assert np.all(tau.astype(np.float64) <= exact)
 
 
-def test_candidate_search_rejects_bfloat16_with_faiss() -> None:
+@pytest.mark.parametrize(("backend", "precision"), [("faiss", "bfloat16"), ("torch", "float16")])
+def test_candidate_search_rejects_invalid_precision(backend: str, precision: str) -> None:
     with pytest.raises(MiningError):
-        CandidateSearch("faiss", precision="bfloat16")
-
-
-def test_candidate_search_rejects_unknown_precision() -> None:
-    with pytest.raises(MiningError):
-        CandidateSearch("torch", precision="float16")
+        CandidateSearch(backend, precision=precision)
 
 
 # ---- fast selection equals the reference --------------------------------------
@@ -666,16 +669,7 @@ def test_builder_select_equals_reference(seed: int) -> None:
     bank = make_bank(n_pairs, seed=seed)
     fast_builder = BatchBuilder(make_image_ids(n_pairs, 3), 30, search_space=34, top_k=12, seed=seed)
     reference_builder = BatchBuilder(make_image_ids(n_pairs, 3), 30, search_space=34, top_k=12, seed=seed)
-    rng = np.random.default_rng(seed)
-    while not fast_builder.epoch_finished:
-        proposal = fast_builder.propose(bank)
-        hardness = rng.uniform(size=proposal.anchors.size)
-        excluded = rng.uniform(size=proposal.candidates.shape) < 0.5
-        fast = fast_builder.select(proposal, hardness, excluded)
-        reference = reference_builder.select_reference(reference_builder.propose(bank), hardness, excluded)
-        np.testing.assert_array_equal(fast.pair_indices, reference.pair_indices)
-        np.testing.assert_array_equal(fast.negative_ranks, reference.negative_ranks)
-        assert fast.fallbacks == reference.fallbacks
+    assert_select_matches_reference(fast_builder, reference_builder, bank, seed=seed)
 
 
 # ---- observation --------------------------------------------------------------
