@@ -111,6 +111,13 @@ def test_fill_caches_every_distinct_caption():
     assert len(cache) == 5
 
 
+def test_fill_skips_more_captions_than_the_limit():
+    cache = FrozenPrefixCache(small_bert(), 2, max_rows=3)
+    ids, mask = right_padded([9, 2, 4, 6, 3])
+    cache.fill(ids, mask)
+    assert len(cache) == 0
+
+
 def test_loading_a_state_dict_empties_the_cache():
     owner = torch.nn.Module()
     owner.text = small_bert()

@@ -86,6 +86,12 @@ class FrozenPrefixCache:
         both compute every caption within the same batch and get the same bits.
         """
         self._check_device(input_ids.device)
+        if input_ids.shape[0] > self.max_rows:
+            # NOTE: past the limit captions are cached as steps meet them, so a resumed run
+            # may compute some in other batches than the first run did, and differ in the last bits.
+            logger.info("%d captions exceed the text cache's %d rows; caching them as steps use them",
+                        input_ids.shape[0], self.max_rows)
+            return
         if not _is_right_padded(attention_mask):
             return
         order = torch.argsort(attention_mask.sum(dim=1), stable=True)
