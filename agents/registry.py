@@ -81,8 +81,8 @@ def resolve_scheduler_class(name: str) -> tuple[type[Scheduler], str]:
             raise SchedulerError(f"invalid scheduler name {name!r}: expected 'module:Class' or 'path/to/file.py:Class'")
         if _names_file(source):
             file = Path(source).expanduser().resolve()
-            return _scheduler_class(_import_file(file), class_name, name), f"{file}:{class_name}"
-        return _scheduler_class(_import_module(source), class_name, name), name
+            return _scheduler_class(_import_file(file), class_name, name, str(file)), f"{file}:{class_name}"
+        return _scheduler_class(_import_module(source), class_name, name, f"module {source!r}"), name
     entry_points = _entry_points()
     if name in entry_points:
         return _check_scheduler_class(entry_points[name].load(), name), name
@@ -103,6 +103,9 @@ def _import_module(module_name: str) -> ModuleType:
             raise SchedulerError(f"scheduler module {module_name!r} not found; check the name and that "
                                  "its package is installed or on PYTHONPATH") from error
         raise SchedulerError(f"scheduler module {module_name!r} failed to import: {error}") from error
+    except Exception as error:
+        raise SchedulerError(f"scheduler module {module_name!r} failed to import: "
+                             f"{type(error).__name__}: {error}") from error
 
 
 def _import_file(file: Path) -> ModuleType:
@@ -121,17 +124,23 @@ def _import_file(file: Path) -> ModuleType:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[module_name]
+        raise SchedulerError(f"scheduler file {file} failed to import: {type(error).__name__}: {error}") from error
     except BaseException:
         del sys.modules[module_name]
         raise
     return module
 
 
-def _scheduler_class(module: ModuleType, class_name: str, name: str) -> type[Scheduler]:
+def _scheduler_class(module: ModuleType, class_name: str, name: str, where: str) -> type[Scheduler]:
     obj: Any = module
     for part in class_name.split("."):
         if not hasattr(obj, part):
-            raise SchedulerError(f"class {class_name!r} not found in {module.__name__!r} (from {name!r})")
+            found = sorted(key for key, value in vars(module).items()
+                           if isinstance(value, type) and issubclass(value, Scheduler) and value is not Scheduler)
+            listed = ", ".join(found) if found else "none"
+            raise SchedulerError(f"class {class_name!r} not found in {where} (Scheduler subclasses there: {listed})")
         obj = getattr(obj, part)
     return _check_scheduler_class(obj, name)
 

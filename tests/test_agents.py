@@ -568,6 +568,20 @@ def test_plugin_missing_class(tmp_path: Path) -> None:
         make_scheduler(f"{plugin}:Missing", OBSERVATION_SPACE, DISCRETE)
 
 
+def test_plugin_missing_class_lists_schedulers_in_file(tmp_path: Path) -> None:
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(PLUGIN_SOURCE)
+    with pytest.raises(SchedulerError, match=r"Scheduler subclasses there: AlwaysEasy"):
+        make_scheduler(f"{plugin}:Missing", OBSERVATION_SPACE, DISCRETE)
+
+
+def test_plugin_file_with_syntax_error(tmp_path: Path) -> None:
+    plugin = tmp_path / "broken.py"
+    plugin.write_text("class Broken(:\n")
+    with pytest.raises(SchedulerError, match=r"broken.py failed to import: SyntaxError"):
+        make_scheduler(f"{plugin}:Broken", OBSERVATION_SPACE, DISCRETE)
+
+
 def test_plugin_class_of_wrong_type(tmp_path: Path) -> None:
     plugin = tmp_path / "plugin.py"
     plugin.write_text(PLUGIN_SOURCE)
