@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer
 
-from falcon_rl.models.base import ModelError, StepOutput, TextBatch, VLPFramework
+from falcon_rl.models.base import ModelError, StepOutput, TextBatch, VLPFramework, pool_text
 from falcon_rl.models.config import ALBEFConfig
 from falcon_rl.models.fusion import FusionEncoder
 from falcon_rl.models.heads import MLMHead, init_bert_style
@@ -35,7 +35,7 @@ from falcon_rl.models.losses import (
     sample_itm_negatives,
 )
 from falcon_rl.models.pretrained import OFFLINE_MINILM, load_pretrained, resolve_name_or_path
-from falcon_rl.models.text_cache import FrozenPrefixCache, frozen_prefix_cache
+from falcon_rl.models.text_cache import frozen_prefix_cache
 from falcon_rl.models.text_encoders import build_text_encoder, freeze_lower_layers
 
 logger = logging.getLogger(__name__)
@@ -187,11 +187,7 @@ class ALBEF(VLPFramework):
         return F.normalize(self.vision_proj(image_tokens[:, 0]).float(), dim=-1)
 
     def _text_embedding(self, text_hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.config.text_pooling == "cls":
-            pooled = text_hidden[:, 0]
-        else:
-            weights = attention_mask.to(text_hidden.dtype).unsqueeze(-1)
-            pooled = (text_hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        pooled = pool_text(text_hidden, attention_mask, self.config.text_pooling)
         return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -200,12 +196,6 @@ class ALBEF(VLPFramework):
         ``images`` are preprocessed pixels or uint8 images, which are preprocessed here.
         """
         return self._image_embedding(self.image_encoder(self._pixels(images)))
-
-    def cache_texts(self, text: TextBatch) -> None:
-        """Keep the frozen text layers' output for these captions (see :class:`FrozenPrefixCache`)."""
-        if self.text_cache is not None:
-            text = text.to(self.pixel_mean.device)
-            self.text_cache.fill(text.input_ids, text.attention_mask)
 
     def embed_texts(self, text: TextBatch) -> torch.Tensor:
         """Return L2-normalised ITC text embeddings ``[B, embed_dim]`` (float32)."""

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from falcon_rl.models.text_cache import FrozenPrefixCache
+
 
 class ModelError(ValueError):
     """A model name, preset, configuration value or weights path that cannot be used."""
@@ -67,6 +69,8 @@ class VLPFramework(nn.Module, abc.ABC):
     image_size: int
     max_text_length: int
     tokenizer_path: str
+    # Output of the frozen text layers per caption; frameworks without frozen text layers have none.
+    text_cache: FrozenPrefixCache | None = None
 
     @property
     def device(self) -> torch.device:
@@ -107,11 +111,14 @@ class VLPFramework(nn.Module, abc.ABC):
         """Return the ITM probability ``[B]`` that image i and caption i match."""
 
     def cache_texts(self, text: TextBatch) -> None:
-        """Precompute what later steps can reuse for these captions.
+        """Keep the frozen text layers' output for these captions, when ``text_cache`` is set.
 
-        The default does nothing. ALBEF and SigLIP keep the output of their frozen text
-        layers, which never changes.
+        ALBEF and SigLIP set it when their lowest text layers are frozen, because that output
+        never changes.
         """
+        if self.text_cache is not None:
+            text = text.to(self.device)
+            self.text_cache.fill(text.input_ids, text.attention_mask)
 
     def retrieval_image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Return the image features that :meth:`retrieval_similarity` compares with captions.
@@ -130,6 +137,15 @@ class VLPFramework(nn.Module, abc.ABC):
         :param text_embed: rows of :meth:`embed_texts`
         """
         return image_features.float() @ text_embed.float().T
+
+
+def pool_text(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Return one vector per caption ``[B, H]``: the first token's output for ``"cls"``, or
+    for ``"mean"`` the mean over the tokens that ``attention_mask`` marks."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

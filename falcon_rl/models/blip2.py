@@ -36,6 +36,7 @@ from falcon_rl.models.base import (
     VLPFramework,
     eval_mode,
     normalise_pixels,
+    pool_text,
 )
 from falcon_rl.models.heads import MLMHead, init_bert_style
 from falcon_rl.models.image_encoders import ViTEncoder
@@ -294,11 +295,7 @@ class BLIP2(VLPFramework):
 
     def _text_embedding(self, text: TextBatch) -> torch.Tensor:
         hidden = self.qformer(None, text.input_ids, text.attention_mask, "unimodal")
-        if self.config.text_pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = text.attention_mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        pooled = pool_text(hidden, text.attention_mask, self.config.text_pooling)
         return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     @staticmethod

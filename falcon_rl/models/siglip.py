@@ -27,12 +27,13 @@ from falcon_rl.models.base import (
     VLPFramework,
     eval_mode,
     normalise_pixels,
+    pool_text,
 )
 from falcon_rl.models.heads import init_bert_style
 from falcon_rl.models.image_encoders import IMAGE_ENCODERS, build_image_encoder
 from falcon_rl.models.losses import sigmoid_loss
 from falcon_rl.models.pretrained import OFFLINE_MINILM, load_pretrained, resolve_name_or_path
-from falcon_rl.models.text_cache import FrozenPrefixCache, frozen_prefix_cache
+from falcon_rl.models.text_cache import frozen_prefix_cache
 from falcon_rl.models.text_encoders import build_text_encoder, freeze_lower_layers
 
 logger = logging.getLogger(__name__)
@@ -223,12 +224,6 @@ class SigLIP(VLPFramework):
         tokens = self.image_encoder(self._pixels(images))
         return F.normalize(self.image_proj(tokens[:, 0]).float(), dim=-1)
 
-    def cache_texts(self, text: TextBatch) -> None:
-        """Keep the frozen text layers' output for these captions (see :class:`FrozenPrefixCache`)."""
-        if self.text_cache is not None:
-            text = text.to(self.pixel_mean.device)
-            self.text_cache.fill(text.input_ids, text.attention_mask)
-
     def embed_texts(self, text: TextBatch) -> torch.Tensor:
         """Return L2-normalised text embeddings ``[B, embed_dim]`` (float32)."""
         text = self._text(text)
@@ -238,11 +233,7 @@ class SigLIP(VLPFramework):
             hidden = self.text_encoder(
                 input_ids=text.input_ids, attention_mask=text.attention_mask
             ).last_hidden_state
-        if self.config.text_pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = text.attention_mask.to(hidden.dtype).unsqueeze(-1)
-            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        pooled = pool_text(hidden, text.attention_mask, self.config.text_pooling)
         return F.normalize(self.text_proj(pooled).float(), dim=-1)
 
     # ---- losses -------------------------------------------------------------------------
